@@ -1,0 +1,54 @@
+"""Where files live (cache, outputs) and how they are written (atomically)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+CACHE_ENV = "UTILS_CV_CACHE"
+OFFLINE_ENV = "UTILS_CV_OFFLINE"
+
+
+def cache_dir(*parts: str) -> Path:
+    """The user cache folder of this library (created on demand).
+
+    ``$UTILS_CV_CACHE`` overrides the platform default (``~/.cache/utils_cv`` on Linux).
+    Nothing is created at import time.
+    """
+    root = os.environ.get(CACHE_ENV)
+    if not root:
+        from platformdirs import user_cache_dir
+
+        root = user_cache_dir("utils_cv", appauthor=False)
+    path = Path(root).expanduser().joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def offline() -> bool:
+    """True when ``$UTILS_CV_OFFLINE`` is set to a true value: no download is attempted."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
+    """Write ``path`` through a temporary file in the same folder, renamed into place on success.
+
+    A crash or an exception mid-write leaves any previous file untouched and no partial file
+    under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

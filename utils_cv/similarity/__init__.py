@@ -1,0 +1,7 @@
+"""Image similarity: data, backbones, features, metrics and search.
+
+Submodules are imported on demand (``from utils_cv.similarity import data, model``) so that
+``import utils_cv.similarity.data`` does not pull in torch.
+"""
+
+__all__ = ["data", "model", "features", "metrics", "index", "plot"]
