@@ -1,0 +1,139 @@
+"""Batched embedding extraction: images in, (n, d) float32 L2-normalised features out."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from utils_cv.similarity.data import load_image
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ImageDecodeError", "extract_features", "l2_normalize"]
+
+
+class ImageDecodeError(ValueError):
+    """An image could not be read or decoded; the message names the file."""
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
+    """Rows of ``x`` scaled to unit L2 norm (zero rows stay zero). Returns float32, C-contiguous."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, eps), dtype=np.float32)
+
+
+def _to_pil(item) -> Image.Image:
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    if isinstance(item, np.ndarray):
+        if item.ndim == 2:
+            item = np.stack([item] * 3, axis=-1)
+        if item.ndim != 3 or item.shape[2] not in (3, 4):
+            raise ValueError(f"an in-memory image must be (H, W), (H, W, 3) or (H, W, 4); got shape {item.shape}")
+        if item.dtype != np.uint8:
+            item = np.clip(item, 0, 255).astype(np.uint8)
+        return Image.fromarray(item[..., :3])
+    return load_image(item)
+
+
+class _ImageDataset(Dataset):
+    def __init__(self, items: Sequence, transform: Callable):
+        self.items = items
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self.items[i]
+        try:
+            image = _to_pil(item)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file's name
+            name = item if isinstance(item, (str, os.PathLike)) else f"item {i}"
+            raise ImageDecodeError(
+                f"Could not decode image {str(name)!r}: {type(exc).__name__}: {exc}. "
+                "Remove or fix the file (data.scan_images lists unreadable files)."
+            ) from exc
+        return self.transform(image)
+
+
+def _default_workers(n: int, batch_size: int) -> int:
+    if n <= batch_size:
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(4, max(1, cpus - 1))
+
+
+def extract_features(
+    model: nn.Module,
+    paths: Sequence,
+    transform: Callable,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """Embed images with ``model`` (its pooled output), one row per input, L2-normalised.
+
+    Args:
+        model: maps (B, 3, H, W) to (B, d), e.g. from ``model.create_backbone``.
+        paths: image files, or in-memory PIL images / (H, W, 3) uint8 RGB arrays.
+        transform: the model's preprocessing (PIL image -> (3, H, W) tensor).
+        batch_size: images per forward pass.
+        num_workers: DataLoader worker processes decoding images while the model runs;
+            None picks one fewer than the CPUs (at most 4), 0 decodes in this process.
+        progress: show a progress bar.
+        device: where to run; None keeps the model's own device.
+
+    Returns:
+        (n, d) float32, C-contiguous, rows of unit L2 norm, aligned with ``paths``.
+
+    Raises:
+        ImageDecodeError: an image could not be decoded; the message names it.
+    """
+    if batch_size < 1:
+        raise ValueError(f"The 'batch_size' parameter must be >= 1. Got {batch_size!r} instead.")
+    items = list(paths)
+    if not items:
+        raise ValueError("The 'paths' parameter is empty: give at least one image.")
+    if device is not None:
+        model = model.to(device)
+    dev = next(model.parameters()).device
+    if num_workers is None:
+        num_workers = _default_workers(len(items), batch_size)
+    in_memory = not all(isinstance(p, (str, os.PathLike)) for p in items)
+    if in_memory:
+        num_workers = 0
+    loader = DataLoader(
+        _ImageDataset(items, transform), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, pin_memory=dev.type == "cuda",
+    )
+    was_training = model.training
+    model.eval()
+    channels_last = dev.type == "cpu"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    out = []
+    from tqdm.auto import tqdm
+
+    try:
+        with torch.inference_mode(), tqdm(total=len(items), desc="features", unit="img", disable=not progress) as bar:
+            for batch in loader:
+                batch = batch.to(dev, non_blocking=True)
+                if channels_last:
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                emb = model(batch)
+                if emb.ndim != 2:
+                    emb = emb.flatten(1)
+                out.append(emb.float().cpu().numpy())
+                bar.update(len(batch))
+    finally:
+        model.train(was_training)
+    return l2_normalize(np.concatenate(out, axis=0))

@@ -1,0 +1,66 @@
+"""Plots for image similarity. Each function takes ``ax=None`` and returns the Axes it drew on."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from utils_cv.similarity.data import load_image
+
+__all__ = ["plot_neighbors"]
+
+
+def _thumb(path, size: int) -> np.ndarray:
+    im = load_image(path)
+    im.thumbnail((size, size))
+    canvas = np.full((size, size, 3), 255, dtype=np.uint8)
+    arr = np.asarray(im)
+    y, x = (size - arr.shape[0]) // 2, (size - arr.shape[1]) // 2
+    canvas[y : y + arr.shape[0], x : x + arr.shape[1]] = arr
+    return canvas
+
+
+def plot_neighbors(
+    query_path,
+    neighbor_paths: Sequence,
+    distances: Sequence[float],
+    query_label: str | None = None,
+    neighbor_labels: Sequence[str] | None = None,
+    ax=None,
+    thumb_size: int = 128,
+):
+    """A query image followed by its nearest neighbours on one Axes.
+
+    Each neighbour is captioned with its distance and label; when labels are given, a green
+    frame marks a neighbour of the query's class and a red frame one of another class.
+
+    Returns:
+        The matplotlib Axes.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    k = len(neighbor_paths)
+    if len(distances) != k:
+        raise ValueError(f"'distances' has {len(distances)} values for {k} neighbours.")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.6 * (k + 1), 2.2))
+    gap = thumb_size // 8
+    step = thumb_size + gap
+    items = [(query_path, "query" + (f"\n{query_label}" if query_label else ""), None)]
+    for i, (p, d) in enumerate(zip(neighbor_paths, distances)):
+        label = neighbor_labels[i] if neighbor_labels is not None else None
+        caption = f"{d:.3f}" + (f"\n{label}" if label else "")
+        ok = None if label is None or query_label is None else label == query_label
+        items.append((p, caption, ok))
+    for i, (p, caption, ok) in enumerate(items):
+        x0 = i * step + (gap if i else 0)
+        ax.imshow(_thumb(p, thumb_size), extent=(x0, x0 + thumb_size, thumb_size, 0))
+        if ok is not None:
+            ax.add_patch(Rectangle((x0, 0), thumb_size, thumb_size, fill=False, lw=3,
+                                   edgecolor="tab:green" if ok else "tab:red"))
+        ax.text(x0 + thumb_size / 2, thumb_size + 4, caption, ha="center", va="top", fontsize=8)
+    ax.set_xlim(-2, len(items) * step + gap)
+    ax.set_ylim(thumb_size + 40, -2)
+    ax.set_axis_off()
+    return ax
