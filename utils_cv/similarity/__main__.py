@@ -25,7 +25,7 @@ def _demo(args: argparse.Namespace) -> int:
     labels_arr = np.asarray(labels)
     print(f"data: {root} ({len(paths)} images, {len(set(labels))} classes)")
     net, transform = model.create_backbone(args.backbone, image_size=args.image_size)
-    print(f"backbone: {args.backbone} ({net.num_features}-d features)")
+    print(f"backbone: {args.backbone} ({net.feature_dim}-d features)")
     feats = features.extract_features(net, paths, transform, batch_size=args.batch_size, progress=not args.no_progress)
     k = min(args.k, len(paths) - 1)
     D, I = index.knn(feats, feats, k=k, exclude_self=True)

