@@ -68,7 +68,9 @@ def _default_workers(n: int, batch_size: int) -> int:
     if n <= batch_size:
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(4, max(1, cpus - 1))
+    # measured (benchmarks/bench_features.py): on 2 cores a decoding worker steals a core
+    # from the forward pass (30 vs 42 img/s), so workers pay off only with cores to spare
+    return 0 if cpus <= 2 else min(4, cpus // 2)
 
 
 def extract_features(
@@ -88,7 +90,8 @@ def extract_features(
         transform: the model's preprocessing (PIL image -> (3, H, W) tensor).
         batch_size: images per forward pass.
         num_workers: DataLoader worker processes decoding images while the model runs;
-            None picks one fewer than the CPUs (at most 4), 0 decodes in this process.
+            None picks 0 on machines with 2 CPUs or fewer (decoding in this process is
+            faster there) and half the CPUs, at most 4, otherwise.
         progress: show a progress bar.
         device: where to run; None keeps the model's own device.
 
