@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+import torch
+
+from utils_cv.similarity import data, metrics
+
+
+def col(*v):
+    return np.array(v, dtype=np.float32)[:, None]
+
+
+def test_perfect_retrieval_scores_one():
+    r = metrics.evaluate_retrieval(col(0, 1, 10, 11), ["a", "a", "b", "b"])
+    for key in ("recall@1", "recall@8", "precision@1", "r_precision", "map@r", "map", "mrr"):
+        assert r[key] == 1.0, key
+    assert r["num_queries"] == 4 and r["num_excluded"] == 0
+
+
+def test_hand_computed_leave_one_out_with_ties():
+    # ranks of the single relevant item: q0 -> 2, q1 -> 3 (tie 0/2 at distance 1), q2 -> 3, q3 -> 2
+    r = metrics.evaluate_retrieval(col(0, 1, 2, 3), ["a", "b", "a", "b"], ks=(1, 2, 4))
+    assert r["recall@1"] == 0.0 and r["precision@1"] == 0.0
+    assert r["recall@2"] == 0.5 and r["recall@4"] == 1.0
+    assert r["r_precision"] == 0.0 and r["map@r"] == 0.0
+    assert r["mrr"] == pytest.approx(5 / 12) and r["map"] == pytest.approx(5 / 12)
+
+
+def test_tie_between_relevant_and_not_goes_to_lower_index():
+    # query 0 at 0; item 1 at -1 and item 2 at +1 are equally far: the lower index ranks first
+    ranks, kept = metrics.relevant_ranks(col(0, -1, 1), ["a", "b", "a"])
+    assert kept.tolist() == [0, 2] and ranks[0].tolist() == [2] and ranks[1].tolist() == [1]
+    assert metrics.evaluate_retrieval(col(0, -1, 1), ["a", "b", "a"])["recall@1"] == 0.5
+    r = metrics.evaluate_retrieval(col(0, -1, 1), ["a", "a", "b"])
+    ranks, kept = metrics.relevant_ranks(col(0, -1, 1), ["a", "a", "b"])
+    assert kept.tolist() == [0, 1] and ranks[0].tolist() == [1] and ranks[1].tolist() == [1]
+    assert r["num_excluded"] == 1
+
+
+def test_map_at_r_with_two_relevant_items():
+    # reference ranked: a (rank 1), b (rank 2), a (rank 3); R = 2
+    r = metrics.evaluate_retrieval(col(0), ["a"], col(1, 2, 3), ["a", "b", "a"])
+    assert r["r_precision"] == 0.5
+    assert r["map@r"] == pytest.approx(0.5)
+    assert r["map"] == pytest.approx((1 + 2 / 3) / 2)
+    assert r["recall@1"] == 1.0 and r["mrr"] == 1.0
+
+
+def test_query_without_relevant_item_is_excluded_and_counted(caplog):
+    r = metrics.evaluate_retrieval(col(0, 1, 5), ["a", "a", "lonely"], ks=(1, 8))
+    assert r["num_excluded"] == 1 and r["num_queries"] == 2
+    assert r["recall@1"] == 1.0 and r["recall@8"] == 1.0  # k beyond the gallery size is fine
+    assert "no relevant item" in caplog.text
+    with pytest.raises(ValueError, match="No query has a relevant item"):
+        metrics.evaluate_retrieval(col(0, 1), ["a", "b"])
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="query_labels"):
+        metrics.evaluate_retrieval(col(0, 1), ["a"])
+    with pytest.raises(ValueError, match="reference_labels"):
+        metrics.evaluate_retrieval(col(0, 1), ["a", "a"], col(0, 1))
+    with pytest.raises(ValueError, match="'ks'"):
+        metrics.evaluate_retrieval(col(0, 1), ["a", "a"], ks=(0,))
+    with pytest.raises(ValueError, match="'distance'"):
+        metrics.evaluate_retrieval(col(0, 1), ["a", "a"], distance="manhattan")
+
+
+def _clustered(n, d, classes, seed, spread=1.5):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, d))
+    y = rng.integers(0, classes, n)
+    return (centers[y] + rng.normal(scale=spread, size=(n, d))).astype(np.float32), y
+
+
+@pytest.mark.parametrize("leave_one_out", [True, False])
+def test_agrees_with_pytorch_metric_learning(leave_one_out):
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    x, y = _clustered(1500, 16, 25, seed=3)
+    calc = AccuracyCalculator(include=("precision_at_1", "r_precision", "mean_average_precision_at_r"),
+                              k="max_bin_count")
+    if leave_one_out:
+        ours = metrics.evaluate_retrieval(x, y)
+        pml = calc.get_accuracy(torch.from_numpy(x), torch.from_numpy(y))
+    else:
+        q, yq, r, yr = x[:500], y[:500], x[500:], y[500:]
+        ours = metrics.evaluate_retrieval(q, yq, r, yr)
+        pml = calc.get_accuracy(torch.from_numpy(q), torch.from_numpy(yq), torch.from_numpy(r), torch.from_numpy(yr),
+                                ref_includes_query=False)
+    assert abs(ours["precision@1"] - pml["precision_at_1"]) < 1e-6
+    assert abs(ours["r_precision"] - pml["r_precision"]) < 1e-6
+    assert abs(ours["map@r"] - pml["mean_average_precision_at_r"]) < 1e-6
+    assert 0.05 < ours["map@r"] < 0.9  # not a degenerate case
+
+
+def test_blocking_does_not_change_results(monkeypatch):
+    x, y = _clustered(400, 8, 7, seed=5)
+    full = metrics.evaluate_retrieval(x, y, distance="cosine")
+    monkeypatch.setattr(metrics, "_BLOCK_BYTES", 1)
+    assert metrics.evaluate_retrieval(x, y, distance="cosine") == full
+
+
+def test_positive_ranks_and_recall_at_k():
+    feats = col(0, 2, 1, 3, -1.5, -2)  # query 0, positive 1 (distance 2), negatives at 1, 3, 1.5, 2 (tie)
+    sets = [data.ComparativeSet(0, 1, np.array([2, 3, 4, 5]))]
+    ranks = metrics.positive_ranks(feats, sets)
+    assert ranks.tolist() == [3]  # two negatives strictly closer; the tie does not count
+    assert metrics.recall_at_k([1, 3, 5, 2], 2) == 0.5
+    with pytest.raises(ValueError, match="'ranks'"):
+        metrics.recall_at_k([], 1)
