@@ -34,3 +34,33 @@ def test_undecodable_file_is_named(image_folder, tiny_backbone):
     bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
     with pytest.raises(features.ImageDecodeError, match="broken.jpg"):
         features.extract_features(net, [bad], transform, num_workers=0, progress=False)
+
+
+def test_skip_mode_returns_which_rows_exist(image_folder, tiny_backbone, caplog):
+    net, transform = tiny_backbone
+    paths, _ = data.list_images(image_folder)
+    bad = image_folder / "circles" / "zz_broken.jpg"
+    bad.write_bytes(b"garbage")
+    items = paths[:3] + [bad] + paths[3:5]
+    feats, kept = features.extract_features(net, items, transform, batch_size=2, progress=False, on_error="skip")
+    assert kept.tolist() == [0, 1, 2, 4, 5]
+    assert feats.shape == (5, 1280)
+    good = features.extract_features(net, [items[i] for i in kept], transform, progress=False)
+    np.testing.assert_allclose(feats, good, atol=1e-5)
+    assert "zz_broken.jpg" in caplog.text
+    with pytest.raises(ValueError, match="on_error"):
+        features.extract_features(net, items, transform, on_error="ignore")
+
+
+def test_spatial_outputs_are_pooled(image_folder):
+    import torch
+    from torch import nn
+
+    body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())  # (B, 8, H, W) maps, like a CNN body
+    tf = model.create_backbone(pretrained=False, image_size=32)[1]
+    paths, _ = data.list_images(image_folder)
+    feats = features.extract_features(body, paths[:4], tf, progress=False)
+    x = torch.stack([tf(data.load_image(p)) for p in paths[:4]])
+    with torch.no_grad():
+        expected = features.l2_normalize(body(x).mean(dim=(2, 3)).numpy())
+    np.testing.assert_allclose(feats, expected, atol=1e-5)

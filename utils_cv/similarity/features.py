@@ -44,24 +44,45 @@ def _to_pil(item) -> Image.Image:
 
 
 class _ImageDataset(Dataset):
-    def __init__(self, items: Sequence, transform: Callable):
+    def __init__(self, items: Sequence, transform: Callable, skip_errors: bool):
         self.items = items
         self.transform = transform
+        self.skip_errors = skip_errors
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int):
         item = self.items[i]
         try:
-            image = _to_pil(item)
+            return i, self.transform(_to_pil(item))
         except Exception as exc:  # noqa: BLE001 - re-raised with the file's name
             name = item if isinstance(item, (str, os.PathLike)) else f"item {i}"
+            message = f"Could not decode image {str(name)!r}: {type(exc).__name__}: {exc}"
+            if self.skip_errors:
+                logger.warning("skipped %s", message)
+                return i, None
             raise ImageDecodeError(
-                f"Could not decode image {str(name)!r}: {type(exc).__name__}: {exc}. "
-                "Remove or fix the file (data.scan_images lists unreadable files)."
+                f"{message}. Remove or fix the file (data.scan_images lists unreadable files), "
+                "or pass on_error='skip'."
             ) from exc
-        return self.transform(image)
+
+
+def _collate(batch):
+    kept = [(i, x) for i, x in batch if x is not None]
+    if not kept:
+        return torch.empty(0, dtype=torch.int64), None
+    return torch.tensor([i for i, _ in kept]), torch.stack([x for _, x in kept])
+
+
+def _embedding_module(model) -> nn.Module:
+    """The module to run: ``model`` itself, or the body of a fastai Learner."""
+    if isinstance(model, nn.Module):
+        return model
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module):  # a fastai Learner: its body, pooled below
+        return inner[0] if isinstance(inner, nn.Sequential) and len(inner) == 2 else inner
+    raise TypeError(f"The 'model' parameter must be a torch.nn.Module or a fastai Learner. Got {type(model).__name__}.")
 
 
 def _default_workers(n: int, batch_size: int) -> int:
@@ -81,11 +102,13 @@ def extract_features(
     num_workers: int | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
-) -> np.ndarray:
+    on_error: str = "raise",
+):
     """Embed images with ``model`` (its pooled output), one row per input, L2-normalised.
 
     Args:
-        model: maps (B, 3, H, W) to (B, d), e.g. from ``model.create_backbone``.
+        model: maps (B, 3, H, W) to (B, d), e.g. from ``model.create_backbone``; a model
+            returning (B, C, H, W) maps (a CNN body, a fastai Learner's body) is average-pooled.
         paths: image files, or in-memory PIL images / (H, W, 3) uint8 RGB arrays.
         transform: the model's preprocessing (PIL image -> (3, H, W) tensor).
         batch_size: images per forward pass.
@@ -94,13 +117,21 @@ def extract_features(
             faster there) and half the CPUs, at most 4, otherwise.
         progress: show a progress bar.
         device: where to run; None keeps the model's own device.
+        on_error: ``"raise"`` stops at the first image that cannot be decoded;
+            ``"skip"`` logs it, leaves it out and returns which rows exist.
 
     Returns:
-        (n, d) float32, C-contiguous, rows of unit L2 norm, aligned with ``paths``.
+        (n, d) float32, C-contiguous, rows of unit L2 norm, aligned with ``paths``. With
+        ``on_error="skip"``: ``(features, kept)``, ``kept`` the int64 indices into ``paths``
+        of the rows of ``features``.
 
     Raises:
-        ImageDecodeError: an image could not be decoded; the message names it.
+        ImageDecodeError: an image could not be decoded (``on_error="raise"``); the message
+            names it.
     """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"The 'on_error' parameter must be 'raise' or 'skip'. Got {on_error!r} instead.")
+    model = _embedding_module(model)
     if batch_size < 1:
         raise ValueError(f"The 'batch_size' parameter must be >= 1. Got {batch_size!r} instead.")
     items = list(paths)
@@ -115,28 +146,36 @@ def extract_features(
     if in_memory:
         num_workers = 0
     loader = DataLoader(
-        _ImageDataset(items, transform), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, pin_memory=dev.type == "cuda",
+        _ImageDataset(items, transform, skip_errors=on_error == "skip"), batch_size=batch_size, shuffle=False,
+        num_workers=num_workers, pin_memory=dev.type == "cuda", collate_fn=_collate,
     )
     was_training = model.training
     model.eval()
     channels_last = dev.type == "cpu"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    out = []
+    out, kept = [], []
     from tqdm.auto import tqdm
 
     try:
         with torch.inference_mode(), tqdm(total=len(items), desc="features", unit="img", disable=not progress) as bar:
-            for batch in loader:
-                batch = batch.to(dev, non_blocking=True)
-                if channels_last:
-                    batch = batch.contiguous(memory_format=torch.channels_last)
-                emb = model(batch)
-                if emb.ndim != 2:
-                    emb = emb.flatten(1)
-                out.append(emb.float().cpu().numpy())
-                bar.update(len(batch))
+            for index, batch in loader:
+                if batch is not None:
+                    batch = batch.to(dev, non_blocking=True)
+                    if channels_last:
+                        batch = batch.contiguous(memory_format=torch.channels_last)
+                    emb = model(batch)
+                    if emb.ndim == 4:
+                        emb = emb.mean(dim=(2, 3))
+                    elif emb.ndim != 2:
+                        emb = emb.flatten(1)
+                    out.append(emb.float().cpu().numpy())
+                    kept.append(index.numpy())
+                bar.update(min(batch_size, len(items) - bar.n))
     finally:
         model.train(was_training)
+    if on_error == "skip":
+        if not out:
+            raise ImageDecodeError(f"None of the {len(items)} images could be decoded.")
+        return l2_normalize(np.concatenate(out, axis=0)), np.concatenate(kept).astype(np.int64)
     return l2_normalize(np.concatenate(out, axis=0))
