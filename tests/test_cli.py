@@ -12,6 +12,7 @@ def test_demo_runs_on_a_folder_and_saves_the_figure(image_folder, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "12 images, 3 classes" in proc.stdout
     assert "top-1 neighbour of the same class" in proc.stdout
+    assert "| map@r |" in proc.stdout and "| recall@8 |" in proc.stdout
     png = out / "demo_neighbors.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*.tmp")), "no temporary file left behind"

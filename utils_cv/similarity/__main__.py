@@ -18,7 +18,7 @@ def _demo(args: argparse.Namespace) -> int:
     import numpy as np
 
     from utils_cv.common.paths import atomic_write
-    from utils_cv.similarity import data, features, index, model, plot
+    from utils_cv.similarity import data, features, index, metrics, model, plot
 
     root = Path(args.data) if args.data else data.default_dataset()
     paths, labels = data.list_images(root)
@@ -33,6 +33,7 @@ def _demo(args: argparse.Namespace) -> int:
     same = labels_arr[I] == labels_arr[:, None]
     print(f"\nleave-one-out over {len(paths)} images: top-1 neighbour of the same class "
           f"{same[:, 0].mean():.3f}, share of the top-{k} of the same class {same.mean():.3f}\n")
+    print(_evaluation_table(feats, labels, args.negatives, args.seed, metrics, data) + "\n")
 
     rng = np.random.default_rng(args.seed)
     classes = sorted(set(labels))
@@ -63,6 +64,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluation_table(feats, labels, num_negatives, seed, metrics, data) -> str:
+    import numpy as np
+
+    scores = metrics.evaluate_retrieval(feats, labels)
+    lines = ["evaluation (leave-one-out: every image a query against all others)",
+             "| metric | value |", "|---|---:|"]
+    for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "map"):
+        lines.append(f"| {key} | {scores[key]:.3f} |")
+    counts = {c: labels.count(c) for c in set(labels)}
+    n_neg = min(num_negatives, len(labels) - max(counts.values()))
+    if min(counts.values()) >= 2 and n_neg >= 1:
+        ranks = metrics.positive_ranks(feats, data.comparative_sets(labels, num_negatives=n_neg, seed=seed))
+        lines.append(f"| median rank, comparative sets (1 positive, {n_neg} negatives) | {np.median(ranks):g} |")
+        lines.append(f"| recall@1, comparative sets | {metrics.recall_at_k(ranks, 1):.3f} |")
+    if scores["num_excluded"]:
+        lines.append(f"({scores['num_excluded']} queries without another image of their class left out)")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m utils_cv.similarity", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--k", type=int, default=5, help="neighbours per query")
     demo.add_argument("--queries", type=int, default=4, help="query images shown (one per class)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--negatives", type=int, default=99, help="negatives per comparative set")
     demo.add_argument("--output", default="outputs", help="folder for the figure")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_demo)

@@ -7,7 +7,7 @@ import numpy as np
 
 from utils_cv.similarity.data import load_image
 
-__all__ = ["plot_neighbors"]
+__all__ = ["plot_neighbors", "plot_rank_distribution", "plot_recall_at_k"]
 
 
 def _thumb(path, size: int) -> np.ndarray:
@@ -63,4 +63,67 @@ def plot_neighbors(
     ax.set_xlim(-2, len(items) * step + gap)
     ax.set_ylim(thumb_size + 40, -2)
     ax.set_axis_off()
+    return ax
+
+
+def plot_rank_distribution(ranks, num_negatives: int | None = None, ax=None, label: str | None = None):
+    """Histogram of the positive's rank over comparative sets (1 = best), median marked.
+
+    Returns:
+        The matplotlib Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    ranks = np.asarray(ranks)
+    if ranks.size == 0:
+        raise ValueError("The 'ranks' parameter is empty.")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    top = int(num_negatives + 1 if num_negatives else ranks.max())
+    bins = np.arange(0.5, top + 1.5, max(1, top // 50))
+    ax.hist(ranks, bins=bins, alpha=0.7, label=label)
+    median = float(np.median(ranks))
+    ax.axvline(median, color="k", ls="--", lw=1)
+    ax.text(median, ax.get_ylim()[1] * 0.95, f" median {median:g}", va="top")
+    ax.set_xlabel("rank of the positive (1 = best)")
+    ax.set_ylabel("comparative sets")
+    if label:
+        ax.legend()
+    return ax
+
+
+def plot_recall_at_k(results: dict, ax=None, max_k: int = 20):
+    """Recall@k curves of several models on one Axes.
+
+    Args:
+        results: model name -> either an ``evaluate_retrieval`` dict (its ``recall@K``
+            entries are plotted) or an array of comparative-set ranks (recall@k for
+            k = 1..max_k).
+
+    Returns:
+        The matplotlib Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if not results:
+        raise ValueError("The 'results' parameter is empty: give at least one model.")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    for name, value in results.items():
+        if isinstance(value, dict):
+            pairs = sorted((int(key.split("@")[1]), v) for key, v in value.items() if key.startswith("recall@"))
+            if not pairs:
+                raise ValueError(f"results[{name!r}] has no 'recall@K' entry.")
+            ks, recalls = zip(*pairs)
+        else:
+            ranks = np.asarray(value)
+            ks = np.arange(1, max_k + 1)
+            recalls = [(ranks <= k).mean() for k in ks]
+        ax.plot(ks, recalls, marker="o", ms=3, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k")
+    ax.set_ylabel("recall@k")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
     return ax
