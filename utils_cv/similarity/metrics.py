@@ -32,20 +32,13 @@ def _labels(labels, n: int, name: str) -> np.ndarray:
     return arr
 
 
-def _distances_t(q: torch.Tensor, r: torch.Tensor, r_sq: torch.Tensor | None, distance: str) -> torch.Tensor:
+def _order_scores(q: torch.Tensor, r: torch.Tensor, r_sq: torch.Tensor | None, distance: str) -> torch.Tensor:
+    """A score that orders like the distance (squared L2, or minus the cosine similarity):
+    ranks only depend on the order, so the square root is skipped."""
     prod = q @ r.T
     if distance == "cosine":
-        return 1.0 - prod
-    d2 = (q * q).sum(1, keepdim=True) + r_sq[None, :] - 2.0 * prod
-    return d2.clamp_min_(0.0).sqrt_()
-
-
-@dataclass
-class _Ranks:
-    """Ranks of the relevant items of each evaluated query (padded with 0)."""
-
-    ranks: list[np.ndarray]  # one int64 array per query, ascending, 1-based
-    num_excluded: int
+        return prod.neg_()
+    return prod.mul_(-2.0).add_(r_sq[None, :]).add_((q * q).sum(1, keepdim=True))
 
 
 def relevant_ranks(query, query_labels, reference=None, reference_labels=None, distance: str = "l2") -> tuple[list[np.ndarray], np.ndarray]:
@@ -54,6 +47,12 @@ def relevant_ranks(query, query_labels, reference=None, reference_labels=None, d
     ``reference=None`` is leave-one-out over the queries (a query is removed from its own
     ranking). Returns ``(ranks, kept)``: ``ranks[j]`` is an ascending int64 array for the
     query ``kept[j]``; queries with no relevant item are not in ``kept``.
+
+    How: queries are sorted by class and processed in row blocks of one matrix product. For
+    a class with relevant columns sorted by (score, index), ``searchsorted`` places every
+    gallery item among them; counting items per slot and accumulating gives, for the i-th
+    relevant item, how many non-relevant items precede it. Exact ties between a relevant
+    and a non-relevant item are resolved by index.
     """
     _check_distance(distance)
     q = _as_matrix(query, "query")
@@ -78,53 +77,63 @@ def relevant_ranks(query, query_labels, reference=None, reference_labels=None, d
         rt = torch.nn.functional.normalize(rt, dim=1)
     r_sq = (rt * rt).sum(1) if distance == "l2" else None
     n = len(r)
+    # class of every query and reference as integers over the union of labels
+    classes, inverse = np.unique(np.concatenate([y_q, y_r]), return_inverse=True)
+    cq, cr = inverse[: len(q)], inverse[len(q):]
+    rel_cols = {c: np.nonzero(cr == c)[0] for c in np.unique(cq)}
+    order = np.argsort(cq, kind="stable")
+    order = np.array([i for i in order if len(rel_cols[cq[i]]) - (1 if loo else 0) > 0], dtype=np.int64)
     out: dict[int, np.ndarray] = {}
-    classes, y_q_idx = np.unique(y_q, return_inverse=True)
-    for ci, c in enumerate(classes):
-        rows = np.nonzero(y_q_idx == ci)[0]
-        rel_cols = np.nonzero(y_r == c)[0]
-        R = len(rel_cols) - (1 if loo else 0)
-        if R <= 0:
-            continue
-        non_cols = np.nonzero(y_r != c)[0]
-        rel_t, non_t = torch.from_numpy(rel_cols), torch.from_numpy(non_cols)
-        step = max(1, min(len(rows), _BLOCK_BYTES // (16 * max(n, 1))))
-        for start in range(0, len(rows), step):
-            block = rows[start : start + step]
-            d = _distances_t(qt[block], rt, r_sq, distance)
+    step = max(1, _BLOCK_BYTES // (12 * max(n, 1)))
+    with torch.inference_mode():
+        for start in range(0, len(order), step):
+            block = order[start : start + step]
+            scores = _order_scores(qt[torch.from_numpy(block)], rt, r_sq, distance)
             if loo:
-                d[torch.arange(len(block)), torch.from_numpy(block)] = float("inf")
-            d_rel = d[:, rel_t]
-            # stable sort keeps the lower reference index first among equal distances
-            rel_sorted, order = torch.sort(d_rel, dim=1, stable=True)
-            if loo:
-                rel_sorted, order = rel_sorted[:, :R], order[:, :R]  # self (inf) sorts last
-            rel_sorted = rel_sorted.contiguous()
-            d_non = d[:, non_t].contiguous()
-            # p[x] = number of relevant items strictly closer than non-relevant item x
-            pos = torch.searchsorted(rel_sorted, d_non, right=False)
-            ties = torch.searchsorted(rel_sorted, d_non, right=True) != pos
-            if bool(ties.any()):
-                _fix_ties(pos, ties, d_non, rel_sorted, order, rel_cols, non_cols)
-            counts = torch.zeros((len(block), R + 1), dtype=torch.int64)
-            counts.scatter_add_(1, pos, torch.ones_like(pos))
-            nonrel_before = counts.cumsum(1)[:, :R]
-            ranks = torch.arange(1, R + 1)[None, :] + nonrel_before
-            for row, rk in zip(block, ranks.numpy()):
-                out[int(row)] = rk
+                scores[torch.arange(len(block)), torch.from_numpy(block)] = float("inf")
+            bc = cq[block]
+            bounds = np.flatnonzero(np.diff(bc)) + 1
+            for seg_start, seg_stop in zip(np.r_[0, bounds], np.r_[bounds, len(block)]):
+                c = bc[seg_start]
+                cols = rel_cols[c]
+                R = len(cols) - (1 if loo else 0)
+                d = scores[seg_start:seg_stop]
+                rel_sorted, rel_order = torch.sort(d[:, torch.from_numpy(cols)], dim=1, stable=True)
+                rel_sorted = rel_sorted[:, :R].contiguous()  # in leave-one-out, self (inf) sorts last
+                rel_order = rel_order[:, :R]
+                pos = torch.searchsorted(rel_sorted, d, right=False)  # relevant items strictly closer
+                counts = torch.zeros((len(d), R + 1), dtype=torch.int64)
+                counts.scatter_add_(1, pos, torch.ones((1, 1), dtype=torch.int64).expand_as(pos))
+                # remove the relevant items' own contributions (each sits at its value's first slot)
+                own = torch.searchsorted(rel_sorted, rel_sorted, right=False)
+                counts.scatter_add_(1, own, torch.full_like(own, -1))
+                nonrel_before = counts.cumsum(1)[:, :R]
+                # exact ties between a non-relevant item and a relevant value: order by index
+                is_rel = torch.zeros(n, dtype=torch.bool)
+                is_rel[torch.from_numpy(cols)] = True
+                tied = (rel_sorted.gather(1, pos.clamp(max=R - 1)) == d) & ~is_rel
+                if bool(tied.any()):
+                    nonrel_before = _fix_ties(nonrel_before, tied, d, rel_sorted, rel_order, cols)
+                ranks = torch.arange(1, R + 1)[None, :] + nonrel_before
+                for row, rk in zip(block[seg_start:seg_stop], ranks.numpy()):
+                    out[int(row)] = rk
     kept = np.array(sorted(out), dtype=np.int64)
     return [out[i] for i in kept], kept
 
 
-def _fix_ties(pos, ties, d_non, rel_sorted, order, rel_cols, non_cols) -> None:
-    """Exact position of non-relevant items tied with relevant ones: lower index first."""
-    for b, x in torch.nonzero(ties).tolist():
-        value = d_non[b, x].item()
-        idx_x = non_cols[x]
-        lo = int(torch.searchsorted(rel_sorted[b], torch.tensor(value), right=False))
-        hi = int(torch.searchsorted(rel_sorted[b], torch.tensor(value), right=True))
-        tied_idx = rel_cols[order[b, lo:hi].numpy()]
-        pos[b, x] = lo + int((tied_idx < idx_x).sum())
+def _fix_ties(nonrel_before, tied, d, rel_sorted, rel_order, cols):
+    """A non-relevant item x tied with relevant values was counted as preceding all of them;
+    it precedes only those of higher index: move it after the lower-index ones."""
+    nonrel_before = nonrel_before.clone()
+    for b, x in torch.nonzero(tied).tolist():
+        value = d[b, x]
+        lo = int(torch.searchsorted(rel_sorted[b], value.reshape(1), right=False))
+        hi = int(torch.searchsorted(rel_sorted[b], value.reshape(1), right=True))
+        tied_idx = cols[rel_order[b, lo:hi].numpy()]
+        # relevant items lo..hi-1 (sorted by index) with index < x are not preceded by x
+        n_before_x = int((tied_idx < x).sum())
+        nonrel_before[b, lo : lo + n_before_x] -= 1
+    return nonrel_before
 
 
 def evaluate_retrieval(
