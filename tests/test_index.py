@@ -56,7 +56,7 @@ def test_many_ties_beyond_the_candidate_window(backend):
 def test_exact_knn_leave_one_out_matches_brute_force_in_blocks(monkeypatch):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(120, 8))
-    monkeypatch.setattr(index, "_BLOCK_BYTES", 4 * 120 * 3 * 7)  # 7 rows per block
+    monkeypatch.setattr(index, "_BLOCK_BYTES", 4 * 120 * 7)  # 7 rows per block
     D, I = index.knn(x, x, 4, exclude_self=True, backend="torch")
     d = index.pairwise_distances(x, x)
     np.fill_diagonal(d, np.inf)
