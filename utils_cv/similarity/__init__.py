@@ -4,4 +4,4 @@ Submodules are imported on demand (``from utils_cv.similarity import data, model
 ``import utils_cv.similarity.data`` does not pull in torch.
 """
 
-__all__ = ["data", "model", "features", "metrics", "index", "plot"]
+__all__ = ["data", "model", "features", "metrics", "index", "plot", "widget"]
