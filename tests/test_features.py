@@ -64,3 +64,19 @@ def test_spatial_outputs_are_pooled(image_folder):
     with torch.no_grad():
         expected = features.l2_normalize(body(x).mean(dim=(2, 3)).numpy())
     np.testing.assert_allclose(feats, expected, atol=1e-5)
+
+
+def test_folded_fast_path_matches_and_follows_weight_updates(image_folder):
+    import torch
+
+    net, transform = model.create_backbone(pretrained=False, image_size=64)
+    paths, _ = data.list_images(image_folder)
+    fast = features.extract_features(net, paths, transform, progress=False)
+    plain = features.extract_features(net, paths, transform, progress=False, fold_bn=False)
+    np.testing.assert_allclose(fast, plain, atol=1e-4)
+    with torch.no_grad():  # an in-place update, as an optimiser step makes
+        net.conv_head.weight.mul_(-1.5)
+    after = features.extract_features(net, paths, transform, progress=False)
+    np.testing.assert_allclose(after, features.extract_features(net, paths, transform, progress=False, fold_bn=False),
+                               atol=1e-4)
+    assert not np.allclose(after, fast, atol=1e-3), "the cached folded copy must not outlive a weight change"

@@ -88,6 +88,20 @@ def _embedding_module(model) -> nn.Module:
 _CPU_CHUNK = 8
 
 
+def _folded(model: nn.Module) -> nn.Module:
+    """The batch-norm-folded copy of ``model``, cached on it until its weights change."""
+    from utils_cv.similarity.fuse import fold_batchnorm
+
+    key = (tuple(t._version for t in model.parameters()), tuple(t._version for t in model.buffers()),
+           tuple(t.data_ptr() for t in model.parameters()))
+    cached = model.__dict__.get("_utils_cv_folded")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    folded = fold_batchnorm(model)
+    model.__dict__["_utils_cv_folded"] = (key, folded)
+    return folded
+
+
 def _default_workers(n: int, batch_size: int) -> int:
     if n <= batch_size:
         return 0
@@ -107,6 +121,7 @@ def extract_features(
     device: str | torch.device | None = None,
     on_error: str = "raise",
     chunk_size: int | None = None,
+    fold_bn: bool = True,
 ):
     """Embed images with ``model`` (its pooled output), one row per input, L2-normalised.
 
@@ -124,6 +139,8 @@ def extract_features(
         chunk_size: images per forward call inside a batch; None picks 8 on the CPU (a
             micro-batch whose activations stay in cache: 80 vs 55 img/s at 32 for lite0,
             ``benchmarks/bench_features.py``) and the whole batch on a GPU.
+        fold_bn: run a copy with batch norms folded into their convolutions (same features
+            to 1e-5, 1.4-1.7x faster on the CPU; see :mod:`utils_cv.similarity.fuse`).
         on_error: ``"raise"`` stops at the first image that cannot be decoded;
             ``"skip"`` logs it, leaves it out and returns which rows exist.
 
@@ -158,6 +175,9 @@ def extract_features(
     )
     was_training = model.training
     model.eval()
+    user_model = model
+    if fold_bn:
+        model = _folded(model)
     channels_last = dev.type == "cpu"
     if chunk_size is None:
         chunk_size = _CPU_CHUNK if dev.type == "cpu" else batch_size
@@ -184,7 +204,7 @@ def extract_features(
                     kept.append(index.numpy())
                 bar.update(min(batch_size, len(items) - bar.n))
     finally:
-        model.train(was_training)
+        user_model.train(was_training)
     if on_error == "skip":
         if not out:
             raise ImageDecodeError(f"None of the {len(items)} images could be decoded.")
