@@ -166,6 +166,7 @@ def create_learner(
     temperature: float = 0.05,
     augment: bool = True,
     validate_every_epoch: bool = True,
+    freeze_bn: bool = True,
 ):
     """A fastai Learner that fine-tunes ``backbone`` for similarity.
 
@@ -185,6 +186,8 @@ def create_learner(
         augment: random crops, flips and light colour changes during training.
         validate_every_epoch: measure MAP@R on the validation images after every epoch and
             keep the best weights (:class:`RetrievalValidation`).
+        freeze_bn: keep the batch-norm statistics of the pretrained backbone (recommended
+            for small data sets and batches; use False when training from scratch).
 
     Returns:
         A fastai ``Learner``; ``learner.embedding_transform`` is the eval preprocessing.
@@ -232,6 +235,8 @@ def create_learner(
     if not validate_every_epoch:
         retrieval = ([], [])
     cbs = [RetrievalValidation(retrieval[0], retrieval[1], transform)]
+    if freeze_bn:
+        cbs.append(_bn_freeze_callback())
     learner = fv.Learner(dls, net, loss_func=fv.CrossEntropyLossFlat(), metrics=fv.accuracy,
                          splitter=lambda m: [list(m.body.parameters()), list(m.neck.parameters()) + list(m.classifier.parameters())],
                          cbs=cbs)
@@ -241,7 +246,7 @@ def create_learner(
     learner.embedding_transform = transform
     learner.similarity_config = {
         "backbone": backbone, "head": head, "embedding_dim": net.embedding_dim, "image_size": image_size,
-        "classes": classes, "temperature": temperature, "preprocessing": cfg, "seed": seed,
+        "classes": classes, "temperature": temperature, "preprocessing": cfg, "seed": seed, "freeze_bn": freeze_bn,
     }
     return learner
 
@@ -326,6 +331,24 @@ class RetrievalValidation:
         return _Callback(*args, **kwargs)
 
 
+def _bn_freeze_callback():
+    fv = _fastai()
+
+    class FrozenBatchNormStats(fv.Callback):
+        """Keep every batch norm in eval mode while training: its statistics stay those of
+        the pretrained network (small, augmented batches would otherwise drift them; measured
+        here to cost validation MAP@R even in the frozen epochs)."""
+
+        order = 1  # after TrainEvalCallback has put the model in train mode
+
+        def before_train(self):
+            for m in self.learn.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    return FrozenBatchNormStats()
+
+
 def _retrieval_cb(learner):
     for cb in learner.cbs:
         if hasattr(cb, "history") and hasattr(cb, "best_state"):
@@ -334,7 +357,7 @@ def _retrieval_cb(learner):
 
 
 def fine_tune(learner, epochs: int, lr: float | None = None, freeze_epochs: int = 1, seed: int | None = None,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, lr_mult: float = 100, freeze_lr: float | None = None) -> list[dict]:
     """fastai one-cycle fine-tuning: ``freeze_epochs`` with the body frozen, then ``epochs``
     with everything training (the body at ``lr / 100``, the head at ``lr``).
 
@@ -344,6 +367,8 @@ def fine_tune(learner, epochs: int, lr: float | None = None, freeze_epochs: int 
         lr: the head's learning rate; None uses 2e-3 (softmax) or 1e-2 (NormSoftmax: its
             cosine logits need larger steps). ``learner.lr_find()`` suggests one.
         freeze_epochs: epochs with only the head training.
+        lr_mult: the body learns ``lr_mult`` times slower than the head once unfrozen.
+        freeze_lr: the learning rate of the frozen epochs (default: fastai's, ``2 * lr``).
         seed: the training order and augmentation; default the learner's seed.
         progress: fastai's progress bars.
 
@@ -359,7 +384,13 @@ def fine_tune(learner, epochs: int, lr: float | None = None, freeze_epochs: int 
     seed = config.get("seed", 0) if seed is None else seed
     ctx = contextlib.nullcontext() if progress else learner.no_bar()
     with _seeded(seed), ctx:
-        learner.fine_tune(epochs, base_lr=lr, freeze_epochs=freeze_epochs)
+        if freeze_lr is None:
+            learner.fine_tune(epochs, base_lr=lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult)
+        else:
+            learner.freeze()
+            learner.fit_one_cycle(freeze_epochs, freeze_lr)
+            learner.unfreeze()
+            learner.fit_one_cycle(epochs, slice(lr / lr_mult, lr), pct_start=0.3, div=5.0)
     cb = _retrieval_cb(learner)
     log = [dict(h) for h in cb.history] if cb is not None else []
     learner.similarity_log = log
