@@ -158,7 +158,7 @@ def create_learner(
     backbone: str = "efficientnet_lite0",
     head: str = "softmax",
     embedding_dim: int | None = None,
-    image_size: int = 224,
+    image_size: int = 160,
     batch_size: int = 32,
     seed: int = 0,
     valid: float | tuple = 0.2,
@@ -175,7 +175,8 @@ def create_learner(
         backbone: a name from ``model.available_backbones()`` (offline weights by default).
         head: ``"softmax"`` or ``"normsoftmax"``.
         embedding_dim: NormSoftmax embedding size (default 512).
-        image_size: training and embedding input side.
+        image_size: training and embedding input side (160 was measured better than 192 and
+            faster than 224 on the default data set).
         batch_size: images per step.
         seed: seeds the split, the head's initialisation and the training order.
         valid: a share of ``paths`` (stratified) held out for validation, or a
@@ -356,19 +357,23 @@ def _retrieval_cb(learner):
     return None
 
 
-def fine_tune(learner, epochs: int, lr: float | None = None, freeze_epochs: int = 1, seed: int | None = None,
-              progress: bool = True, lr_mult: float = 100, freeze_lr: float | None = None) -> list[dict]:
+def fine_tune(learner, epochs: int, lr: float | None = None, freeze_epochs: int = 2, seed: int | None = None,
+              progress: bool = True, lr_mult: float = 5, freeze_lr: float | None = 1e-2) -> list[dict]:
     """fastai one-cycle fine-tuning: ``freeze_epochs`` with the body frozen, then ``epochs``
-    with everything training (the body at ``lr / 100``, the head at ``lr``).
+    with everything training (the body at ``lr / lr_mult``, the head at ``lr``).
+
+    The defaults are the recipe measured on the default data set (README, "Quality"): 2
+    frozen epochs at 1e-2, then the body at 4e-4 and the head at 2e-3. fastai's own defaults
+    (1 frozen epoch, body at lr / 100) left the embedding close to the ImageNet one.
 
     Args:
         learner: from :func:`create_learner`.
         epochs: unfrozen epochs.
-        lr: the head's learning rate; None uses 2e-3 (softmax) or 1e-2 (NormSoftmax: its
-            cosine logits need larger steps). ``learner.lr_find()`` suggests one.
+        lr: the head's learning rate once unfrozen; None uses 2e-3. ``learner.lr_find()``
+            suggests one.
         freeze_epochs: epochs with only the head training.
         lr_mult: the body learns ``lr_mult`` times slower than the head once unfrozen.
-        freeze_lr: the learning rate of the frozen epochs (default: fastai's, ``2 * lr``).
+        freeze_lr: the learning rate of the frozen epochs; None uses fastai's ``2 * lr``.
         seed: the training order and augmentation; default the learner's seed.
         progress: fastai's progress bars.
 
@@ -380,16 +385,15 @@ def fine_tune(learner, epochs: int, lr: float | None = None, freeze_epochs: int 
         raise ValueError("'epochs' and 'freeze_epochs' must be >= 0.")
     config = getattr(learner, "similarity_config", {})
     if lr is None:
-        lr = 1e-2 if config.get("head") == "normsoftmax" else 2e-3
+        lr = 2e-3
     seed = config.get("seed", 0) if seed is None else seed
     ctx = contextlib.nullcontext() if progress else learner.no_bar()
     with _seeded(seed), ctx:
-        if freeze_lr is None:
-            learner.fine_tune(epochs, base_lr=lr, freeze_epochs=freeze_epochs, lr_mult=lr_mult)
-        else:
+        if freeze_epochs > 0:
             learner.freeze()
-            learner.fit_one_cycle(freeze_epochs, freeze_lr)
-            learner.unfreeze()
+            learner.fit_one_cycle(freeze_epochs, 2 * lr if freeze_lr is None else freeze_lr)
+        learner.unfreeze()
+        if epochs > 0:
             learner.fit_one_cycle(epochs, slice(lr / lr_mult, lr), pct_start=0.3, div=5.0)
     cb = _retrieval_cb(learner)
     log = [dict(h) for h in cb.history] if cb is not None else []
