@@ -1,7 +1,7 @@
 """Seconds per training epoch on the default data set: utils_cv's learner vs fastai's plain
 ``vision_learner(...).fine_tune`` defaults, in the same run on the same images.
 
-    .venv/bin/python benchmarks/bench_training_speed.py [--image-size 224] [--epochs 1]
+    .venv/bin/python benchmarks/bench_training_speed.py [--image-size 160] [--epochs 1]
 
 Both train EfficientNet-Lite0 (the same offline ImageNet weights) on the 80 % training split
 (seed 0), batch 32, one frozen and ``--epochs`` unfrozen epochs; the table gives the mean
@@ -31,8 +31,6 @@ def _timer_callback():
             self.t = time.perf_counter()
 
         def after_epoch(self):
-            if self.learn.training is False and not getattr(self.learn, "_in_train", True):
-                return
             trainable = sum(p.requires_grad for p in self.learn.model.parameters())
             total = sum(1 for _ in self.learn.model.parameters())
             self.times.append(time.perf_counter() - self.t)
@@ -43,7 +41,7 @@ def _timer_callback():
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=160)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
@@ -63,18 +61,15 @@ def main() -> None:
     train.fine_tune(learn, args.epochs, freeze_epochs=1, progress=False)
     results["utils_cv create_learner + fine_tune"] = timer
 
-    # fastai defaults on the same images and split
-    body, _ = model.create_backbone(image_size=args.image_size)
+    # fastai defaults on the same images and split, the same pretrained backbone and normalisation
     block = fv.DataBlock(
         blocks=(fv.ImageBlock, fv.CategoryBlock), get_x=lambda i: fv.PILImage(data.load_image(p_tr[i])),
         get_y=lambda i: l_tr[i], splitter=fv.RandomSplitter(0.2, seed=0),
-        item_tfms=fv.Resize(args.image_size), batch_tfms=fv.aug_transforms(size=args.image_size))
+        item_tfms=fv.Resize(args.image_size),
+        batch_tfms=[*fv.aug_transforms(size=args.image_size), fv.Normalize.from_stats([0.5] * 3, [0.5] * 3)])
     dls = block.dataloaders(list(range(len(p_tr))), bs=args.batch_size, num_workers=0, device=torch.device("cpu"))
-    import timm
-
-    arch = lambda pretrained=False, **kw: timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)  # noqa: E731
+    arch = lambda pretrained=False, **kw: model.create_backbone()[0]  # noqa: E731  (ImageNet weights, offline)
     plain = fv.vision_learner(dls, arch, pretrained=False, n_out=dls.c, normalize=False)
-    plain.model[0].load_state_dict({k: v for k, v in body.state_dict().items()}, strict=False)
     timer2 = _timer_callback()
     plain.add_cb(timer2)
     with plain.no_bar(), plain.no_logging():
