@@ -166,7 +166,7 @@ def create_learner(
     temperature: float = 0.05,
     augment: bool = True,
     validate_every_epoch: bool = True,
-    freeze_bn: bool = True,
+    freeze_bn: bool | None = None,
 ):
     """A fastai Learner that fine-tunes ``backbone`` for similarity.
 
@@ -188,7 +188,8 @@ def create_learner(
         validate_every_epoch: measure MAP@R on the validation images after every epoch and
             keep the best weights (:class:`RetrievalValidation`).
         freeze_bn: keep the batch-norm statistics of the pretrained backbone (recommended
-            for small data sets and batches; use False when training from scratch).
+            for small data sets and batches); None: frozen when ``pretrained``, updated when
+            training from random weights.
 
     Returns:
         A fastai ``Learner``; ``learner.embedding_transform`` is the eval preprocessing.
@@ -235,6 +236,8 @@ def create_learner(
             dls = block.dataloaders(items, bs=batch_size, num_workers=0, device=device)
     if not validate_every_epoch:
         retrieval = ([], [])
+    if freeze_bn is None:
+        freeze_bn = pretrained
     cbs = [RetrievalValidation(retrieval[0], retrieval[1], transform)]
     if freeze_bn:
         cbs.append(_bn_freeze_callback())
