@@ -43,3 +43,4 @@ def test_demo_trains_evaluates_and_saves_a_loadable_model(tmp_path):
     module, transform = train.load(out / "model.pth")
     assert module.metadata["classes"] == ["circles", "squares", "stripes"]
     assert (out / "demo_neighbors.png").stat().st_size > 1000
+    assert (out / "training_log.png").read_bytes()[:4] == b"\x89PNG"

@@ -49,3 +49,15 @@ def test_neighbor_browser_follows_the_query(image_folder):
     assert browser.slider.value == 2 and browser.shown == 2
     with pytest.raises(ValueError, match="'labels'"):
         widget.NeighborBrowser(paths, feats, labels[:3])
+
+
+def test_training_log_plot_marks_the_best_epoch():
+    log = [{"epoch": 0, "map@r": 0.5}, {"epoch": 1, "train_loss": 2.0, "valid_loss": 1.5, "map@r": 0.7},
+           {"epoch": 2, "train_loss": 1.0, "valid_loss": 1.2, "map@r": 0.6}]
+    ax = plot.plot_training_log(log)
+    assert [l.get_label() for l in ax.get_lines()] == ["train loss", "valid loss"]
+    line = ax.twin.get_lines()[0]
+    assert list(line.get_xdata()) == [0, 1, 2] and list(line.get_ydata()) == [0.5, 0.7, 0.6]
+    assert ax.twin.collections[0].get_offsets().tolist() == [[1.0, 0.7]]
+    with pytest.raises(ValueError, match="empty"):
+        plot.plot_training_log([])

@@ -52,6 +52,7 @@ def _demo(args: argparse.Namespace) -> int:
                         (f"fine-tuned {args.head} ({args.image_size} px)", after)):
             print(f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in
                                               ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "map")) + " |")
+        _save_training_plot(log, Path(args.output) / "training_log.png")
         saved = train.save(learn, Path(args.output) / "model.pth")
         print(f"\nmodel: {saved} (+ .json); load it with utils_cv.similarity.train.load")
         title = f"{args.backbone}, fine-tuned ({args.head})"
@@ -66,6 +67,24 @@ def _demo(args: argparse.Namespace) -> int:
     D, I = index.knn(feats, feats, k=k, exclude_self=True)
     _show_neighbours(args, paths, labels, queries, D, I, k, title)
     return 0
+
+
+def _save_training_plot(log, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from utils_cv.common.paths import atomic_write
+    from utils_cv.similarity import plot
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    plot.plot_training_log(log, ax=ax)
+    fig.tight_layout()
+    with atomic_write(out) as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    print(f"training curve: {out}")
 
 
 def _crop_size(transform) -> str:

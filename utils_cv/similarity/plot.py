@@ -7,7 +7,7 @@ import numpy as np
 
 from utils_cv.similarity.data import load_image
 
-__all__ = ["plot_neighbors", "plot_rank_distribution", "plot_recall_at_k"]
+__all__ = ["plot_neighbors", "plot_rank_distribution", "plot_recall_at_k", "plot_training_log"]
 
 
 def _thumb(path, size: int) -> np.ndarray:
@@ -126,4 +126,40 @@ def plot_recall_at_k(results: dict, ax=None, max_k: int = 20):
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend()
+    return ax
+
+
+def plot_training_log(log: Sequence[dict], ax=None):
+    """Losses and validation MAP@R per epoch, from ``train.fine_tune``'s log (epoch 0 = the
+    starting weights). MAP@R goes on a second y axis; the best epoch is marked.
+
+    Returns:
+        The matplotlib Axes of the losses (the MAP@R axis is its ``twin``).
+    """
+    import matplotlib.pyplot as plt
+
+    if not log:
+        raise ValueError("The 'log' parameter is empty: pass what train.fine_tune returned.")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    epochs = [e["epoch"] for e in log]
+    for key, style in (("train_loss", "-"), ("valid_loss", "--")):
+        pts = [(e["epoch"], e[key]) for e in log if key in e]
+        if pts:
+            ax.plot(*zip(*pts), style, marker="o", ms=3, label=key.replace("_", " "))
+    ax.set_xlabel("epoch (0 = before training)")
+    ax.set_ylabel("loss")
+    ax.set_xticks(epochs)
+    scored = [(e["epoch"], e["map@r"]) for e in log if "map@r" in e]
+    if scored:
+        twin = ax.twinx()
+        twin.plot(*zip(*scored), color="tab:green", marker="s", ms=3, label="validation MAP@R")
+        best = max(scored, key=lambda p: p[1])
+        twin.scatter([best[0]], [best[1]], s=80, facecolors="none", edgecolors="tab:green", zorder=3)
+        twin.set_ylabel("validation MAP@R")
+        ax.twin = twin
+        handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        ax.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
+    elif ax.lines:
+        ax.legend(fontsize=8)
     return ax
