@@ -147,3 +147,15 @@ def test_bad_arguments(folder):
         train.create_learner(paths[:3], labels, pretrained=False)
     with pytest.raises(ValueError, match="'valid'"):
         train.create_learner(paths, labels, valid="half", pretrained=False)
+
+
+def test_lr_find_leaves_weights_and_log_alone(folder):
+    learn = _learner(folder)
+    start = {k: v.clone() for k, v in learn.model.state_dict().items()}
+    with learn.no_bar():
+        suggestion = learn.lr_find(num_it=8, show_plot=False)
+    assert suggestion.valley > 0
+    assert train._retrieval_cb(learn).history == []
+    assert all(torch.equal(start[k], v) for k, v in learn.model.state_dict().items())
+    log = train.fine_tune(learn, 1, freeze_epochs=0, progress=False)
+    assert [e["epoch"] for e in log] == [0, 1]

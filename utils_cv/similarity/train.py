@@ -308,11 +308,15 @@ class RetrievalValidation:
             # Learner.validate fires fit and epoch events too: only epochs that trained count
             def before_fit(self):
                 self.trained_in_fit = False
+                # lr_find trains with wild learning rates and restores the weights itself
+                self.active = not hasattr(self.learn, "lr_finder")
 
             def before_epoch(self):
                 self.trained_in_epoch = False
 
             def before_train(self):
+                if not getattr(self, "active", True):
+                    return
                 if not self.history and self.measures:
                     self._record({"epoch": 0})  # the starting point
                 self.trained_in_fit = self.trained_in_epoch = True
