@@ -202,11 +202,10 @@ def create_learner(
     paths = [Path(p) for p in paths]
     labels = [str(label) for label in labels]
     train_idx, valid_idx, retrieval = _split_valid(paths, labels, valid, seed)
-    cfg_classes = sorted({labels[i] for i in train_idx})
+    classes = sorted({labels[i] for i in train_idx})
     with _seeded(seed):  # random weights (pretrained=False) and the head's initialisation
         body, transform = model_mod.create_backbone(backbone, pretrained=pretrained, image_size=image_size)
         cfg = _transform_config(transform)
-        classes = cfg_classes
         net = SimilarityNet(body, len(classes), head=head, embedding_dim=embedding_dim, temperature=temperature)
 
     items = list(range(len(paths)))
