@@ -1,9 +1,11 @@
 """Nearest-neighbour search. Smaller distance means closer; ties break by the lower index."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-__all__ = ["DISTANCES", "knn", "pairwise_distances"]
+__all__ = ["BACKENDS", "DISTANCES", "SimilarityIndex", "knn", "pairwise_distances"]
 
 DISTANCES = ("l2", "cosine")
 _BLOCK_BYTES = 256 * 1024 * 1024  # the (rows x nr) float32 block of distances
@@ -167,3 +169,270 @@ def knn(
             vals = vals.numpy() if distance == "cosine" else np.sqrt(vals.numpy())
             D[start:stop], I[start:stop] = _finish(vals, inds.numpy(), k, q[start:stop], r, r_sq, distance, start, exclude_self)
     return D, I
+
+
+# ---------------------------------------------------------------------------- persistent index
+BACKENDS = ("exact", "hnsw", "ivfpq")
+_DEFAULTS = {
+    "exact": {},
+    # HNSW: M links per node, efConstruction at build, efSearch at query time
+    "hnsw": {"M": 32, "efConstruction": 200, "efSearch": 128},
+    # IVF-PQ: nlist cells (None: about 4 * sqrt(n)), nprobe cells searched, m sub-quantizers of
+    # 8 bits (None: d / 4 rounded to a divisor of d, at most 64), refine: exact re-ranking of a
+    # shortlist of k * k_factor candidates (False: the memory-lean mode, codes only)
+    "ivfpq": {"nlist": None, "nprobe": 16, "m": None, "refine": True, "k_factor": 8},
+}
+_FORMAT = "utils_cv.similarity.index/1"
+
+
+def _pq_m(d: int) -> int:
+    target = max(1, min(64, d // 4))
+    return max(m for m in range(1, target + 1) if d % m == 0)
+
+
+class SimilarityIndex:
+    """Nearest-neighbour search over features with ids, exact or approximate, saved to disk.
+
+    Build with :meth:`build`; ``search`` returns distances (smaller is closer) and the ids
+    given at build / :meth:`add` time. Removed ids never come back: they are filtered out of
+    every answer (the approximate indexes keep them until :meth:`rebuild`).
+    """
+
+    def __init__(self, backend: str, distance: str, dim: int, params: dict, metadata: dict | None = None):
+        self.backend, self.distance, self.dim = backend, distance, dim
+        self.params = params
+        self.metadata = dict(metadata or {})
+        self._ids: list = []
+        self._row_of: dict = {}
+        self._removed: set[int] = set()
+        self._features: np.ndarray | None = np.empty((0, dim), np.float32) if backend == "exact" else None
+        self._faiss = None
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, features, ids, backend: str = "exact", distance: str = "l2", metadata: dict | None = None,
+              **params) -> "SimilarityIndex":
+        """Index ``features`` (n, d) under ``ids`` (n hashable ids, e.g. file paths).
+
+        Args:
+            backend: ``"exact"`` (blocked brute force, :func:`knn`), ``"hnsw"`` or ``"ivfpq"``
+                (faiss; ``pip install faiss-cpu``).
+            distance: ``"l2"`` or ``"cosine"``.
+            metadata: what made the features (backbone, preprocessing...), saved with the index.
+            **params: backend parameters; defaults in ``_DEFAULTS`` (hnsw: M=32,
+                efConstruction=200, efSearch=128; ivfpq: nlist=4*sqrt(n), nprobe=16,
+                m=d/4, refine=True, k_factor=8).
+        """
+        if backend not in BACKENDS:
+            raise ValueError(f"The 'backend' parameter must be one of {set(BACKENDS)}. Got {backend!r} instead.")
+        _check_distance(distance)
+        x = _as_matrix(features, "features")
+        unknown = set(params) - set(_DEFAULTS[backend])
+        if unknown:
+            raise ValueError(f"Unknown parameters {sorted(unknown)} for backend {backend!r}; "
+                             f"it takes {sorted(_DEFAULTS[backend])}.")
+        merged = {**_DEFAULTS[backend], **params}
+        if backend == "ivfpq":
+            if merged["nlist"] is None:
+                merged["nlist"] = int(max(1, min(len(x) // 39, round(4 * np.sqrt(len(x))))))
+            if merged["m"] is None:
+                merged["m"] = _pq_m(x.shape[1])
+        index = cls(backend, distance, x.shape[1], merged, metadata)
+        if backend != "exact":
+            index._faiss = index._new_faiss(x)
+        index.add(x, ids)
+        return index
+
+    def _prepared(self, x: np.ndarray) -> np.ndarray:
+        if self.distance == "cosine":
+            return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), dtype=np.float32)
+        return x
+
+    def _new_faiss(self, train: np.ndarray):
+        faiss = _faiss()
+        if faiss is None:
+            raise ImportError(f"backend={self.backend!r} needs faiss: pip install faiss-cpu (or utils_cv[faiss]).")
+        p = self.params
+        if self.backend == "hnsw":
+            idx = faiss.IndexHNSWFlat(self.dim, int(p["M"]))
+            idx.hnsw.efConstruction = int(p["efConstruction"])
+            idx.hnsw.efSearch = int(p["efSearch"])
+            return idx
+        quantizer = faiss.IndexFlatL2(self.dim)
+        ivf = faiss.IndexIVFPQ(quantizer, self.dim, int(p["nlist"]), int(p["m"]), 8)
+        ivf.nprobe = int(p["nprobe"])
+        train = self._prepared(train)
+        if len(train) < max(int(p["nlist"]), 256):
+            raise ValueError(f"ivfpq needs at least max(nlist, 256) = {max(int(p['nlist']), 256)} vectors to "
+                             f"train; got {len(train)}. Use backend='exact' or 'hnsw' for small sets.")
+        ivf.train(train)
+        if not p["refine"]:
+            return ivf
+        refined = faiss.IndexRefineFlat(ivf)
+        refined.k_factor = float(p["k_factor"])
+        return refined
+
+    # ------------------------------------------------------------------ contents
+    def __len__(self) -> int:
+        return len(self._ids) - len(self._removed)
+
+    def add(self, features, ids) -> None:
+        """Add rows; ``ids`` must be new (an id removed earlier may be added again)."""
+        x = _as_matrix(features, "features")
+        ids = list(ids)
+        if len(ids) != len(x):
+            raise ValueError(f"'ids' has {len(ids)} items but 'features' has {len(x)} rows: they must be aligned.")
+        if x.shape[1] != self.dim:
+            raise ValueError(f"'features' has dimension {x.shape[1]}; this index holds dimension {self.dim}.")
+        if len(set(ids)) != len(ids):
+            raise ValueError("'ids' contains duplicates: each id names one item.")
+        clash = [i for i in ids if i in self._row_of]
+        if clash:
+            raise ValueError(f"ids already in the index: {clash[:3]}; remove them first.")
+        start = len(self._ids)
+        if self.backend == "exact":
+            self._features = np.concatenate([self._features, x])
+        else:
+            self._faiss.add(self._prepared(x))
+        for j, i in enumerate(ids):
+            self._row_of[i] = start + j
+        self._ids.extend(ids)
+
+    def remove(self, ids) -> int:
+        """Remove items by id; returns how many were removed. Unknown ids raise KeyError."""
+        ids = list(ids)
+        missing = [i for i in ids if i not in self._row_of]
+        if missing:
+            raise KeyError(f"ids not in the index: {missing[:3]}")
+        for i in ids:
+            self._removed.add(self._row_of.pop(i))
+        return len(ids)
+
+    # ------------------------------------------------------------------ search
+    def search(self, query, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest items of each query row.
+
+        Returns:
+            ``(D, ids)``: (nq, k) float32 distances, ascending, and an (nq, k) object array of
+            the ids given at build time.
+        """
+        q = _as_matrix(query, "query")
+        if q.shape[1] != self.dim:
+            raise ValueError(f"'query' has dimension {q.shape[1]} but the index holds dimension {self.dim} "
+                             f"(features of {self.metadata.get('backbone', 'another model')!r}?).")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"The 'k' parameter must be a positive integer. Got {k!r} instead.")
+        if k > len(self):
+            raise ValueError(f"The 'k' parameter ({k}) is larger than the {len(self)} items in the index.")
+        fetch = min(len(self._ids), k + len(self._removed))
+        if self.backend == "exact":
+            D, I = knn(q, self._features, fetch, distance=self.distance)
+        else:
+            D, I = self._faiss.search(self._prepared(q), fetch)
+            D = np.sqrt(np.maximum(D, 0.0)) if self.distance == "l2" else np.maximum(D, 0.0) / 2.0
+        out_d = np.full((len(q), k), np.inf, dtype=np.float32)
+        out_i = np.empty((len(q), k), dtype=object)
+        for r in range(len(q)):
+            keep = [(d, i) for d, i in zip(D[r], I[r]) if i >= 0 and int(i) not in self._removed][:k]
+            for c, (d, i) in enumerate(keep):
+                out_d[r, c], out_i[r, c] = d, self._ids[int(i)]
+        return out_d, out_i
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> Path:
+        """Write the index to the folder ``path``: ``manifest.json`` (backend, parameters,
+        dimension, distance, metadata, versions, sha256 of each file), ``ids.json`` and the
+        vectors (``features.npy`` or ``index.faiss``). The folder is written beside the target
+        and swapped in at the end: a crash mid-save leaves the previous index as it was."""
+        import hashlib
+        import json
+        import shutil
+        import tempfile
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            files = {}
+            alive = [r for r in range(len(self._ids)) if r not in self._removed]
+            (tmp / "ids.json").write_text(json.dumps({"ids": self._ids, "removed": sorted(self._removed)}))
+            files["ids.json"] = None
+            if self.backend == "exact":
+                np.save(tmp / "features.npy", self._features)
+                files["features.npy"] = None
+            else:
+                faiss = _faiss()
+                faiss.write_index(self._faiss, str(tmp / "index.faiss"))
+                files["index.faiss"] = None
+            for name in files:
+                files[name] = hashlib.sha256((tmp / name).read_bytes()).hexdigest()
+            manifest = {"format": _FORMAT, "backend": self.backend, "distance": self.distance, "dim": self.dim,
+                        "params": self.params, "metadata": self.metadata, "count": len(alive),
+                        "versions": _versions(), "sha256": files}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                if old.exists():
+                    shutil.rmtree(old)
+                path.rename(old)
+            tmp.rename(path)
+            if old is not None:
+                shutil.rmtree(old)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path, backbone: str | None = None) -> "SimilarityIndex":
+        """Read an index written by :meth:`save`, checking every file's checksum.
+
+        Args:
+            backbone: when given, refuse an index whose features came from another backbone.
+        """
+        import hashlib
+        import json
+
+        path = Path(path)
+        if not (path / "manifest.json").is_file():
+            old = path.with_name(f".{path.name}.old")
+            hint = f" (an interrupted save left the previous index at {str(old)!r})" if old.exists() else ""
+            raise FileNotFoundError(f"No index at {str(path)!r}: manifest.json is missing{hint}.")
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{str(path)!r}: manifest.json is not valid JSON ({exc}).") from exc
+        if manifest.get("format") != _FORMAT:
+            raise ValueError(f"{str(path)!r} is not a utils_cv index (format {manifest.get('format')!r}).")
+        for name, digest in manifest["sha256"].items():
+            f = path / name
+            if not f.is_file() or hashlib.sha256(f.read_bytes()).hexdigest() != digest:
+                raise ValueError(f"{str(f)!r} is missing or corrupted (checksum mismatch); rebuild or restore the index.")
+        if backbone is not None and manifest["metadata"].get("backbone") not in (None, backbone):
+            raise ValueError(f"This index holds features of backbone {manifest['metadata']['backbone']!r}, "
+                             f"not {backbone!r}: queries from another model are not comparable.")
+        index = cls(manifest["backend"], manifest["distance"], int(manifest["dim"]), manifest["params"],
+                    manifest["metadata"])
+        stored = json.loads((path / "ids.json").read_text())
+        index._ids = [tuple(i) if isinstance(i, list) else i for i in stored["ids"]]
+        index._removed = set(stored["removed"])
+        index._row_of = {i: r for r, i in enumerate(index._ids) if r not in index._removed}
+        if index.backend == "exact":
+            index._features = np.load(path / "features.npy", allow_pickle=False)
+        else:
+            faiss = _faiss()
+            if faiss is None:
+                raise ImportError("This index needs faiss to load: pip install faiss-cpu.")
+            index._faiss = faiss.read_index(str(path / "index.faiss"))
+        return index
+
+
+def _versions() -> dict:
+    import utils_cv
+
+    out = {"utils_cv": utils_cv.__version__, "numpy": np.__version__}
+    faiss = _faiss()
+    if faiss is not None:
+        out["faiss"] = faiss.__version__
+    return out
