@@ -114,3 +114,17 @@ def test_bad_arguments(data):
     idx = SimilarityIndex.build(x[:10], ids[:10])
     with pytest.raises(ValueError, match="larger than"):
         idx.search(q, 11)
+
+
+def test_recommend_measures_every_candidate_and_picks_a_fast_one_that_reaches_the_target(data):
+    x, _, _ = data
+    rec = SimilarityIndex.recommend(x, target_recall=0.9, num_queries=200)
+    names = [r["backend"] for r in rec["table"]]
+    assert names[0] == "exact" and {"hnsw", "ivfpq"} <= set(names)
+    exact = rec["table"][0]
+    assert exact["recall@10"] == 1.0
+    chosen = next(r for r in rec["table"] if r["backend"] == rec["backend"] and r["params"] == rec["params"])
+    assert chosen["recall@10"] >= 0.9
+    assert chosen["qps"] == max(r["qps"] for r in rec["table"] if r["recall@10"] >= 0.9)
+    only_exact = SimilarityIndex.recommend(x[:500], target_recall=1.0, candidates=[("exact", {})], num_queries=50)
+    assert only_exact["backend"] == "exact"

@@ -338,6 +338,61 @@ class SimilarityIndex:
                 out_d[r, c], out_i[r, c] = d, self._ids[int(i)]
         return out_d, out_i
 
+    # ------------------------------------------------------------------ choosing a backend
+    @classmethod
+    def recommend(cls, features, target_recall: float = 0.95, k: int = 10, num_queries: int = 500,
+                  distance: str = "l2", candidates: list[tuple[str, dict]] | None = None, seed: int = 0) -> dict:
+        """Measure recall@k against exact search and queries per second of each candidate on
+        the user's own features; recommend the fastest that reaches ``target_recall``.
+
+        Queries are ``num_queries`` rows of ``features`` (their own entry left out of the
+        answers). Returns ``{"backend", "params", "table"}``; ``table`` has one dict per
+        candidate (backend, params, build_s, qps, recall@k) and is also logged.
+        """
+        import logging
+        import time
+
+        log = logging.getLogger(__name__)
+        x = _as_matrix(features, "features")
+        if not 0 < target_recall <= 1:
+            raise ValueError(f"The 'target_recall' parameter must be in (0, 1]. Got {target_recall!r} instead.")
+        if len(x) <= k + 1:
+            raise ValueError(f"recommend needs more than k + 1 = {k + 1} features; got {len(x)}.")
+        rng = np.random.default_rng(seed)
+        qi = rng.choice(len(x), size=min(num_queries, len(x)), replace=False)
+        ids = list(range(len(x)))
+        if candidates is None:
+            candidates = [("exact", {}), ("hnsw", {}), ("hnsw", {"efSearch": 256})]
+            if len(x) >= 256 * 4:
+                candidates += [("ivfpq", {}), ("ivfpq", {"nprobe": 64}), ("ivfpq", {"refine": False})]
+            if _faiss() is None:
+                candidates = [("exact", {})]
+
+        def answers(index):
+            t = time.perf_counter()
+            _, got = index.search(x[qi], k + 1)
+            seconds = time.perf_counter() - t
+            return [[i for i in row if i != q][:k] for row, q in zip(got.tolist(), qi)], seconds
+
+        table, truth = [], None
+        for backend, params in [("exact", {})] + [c for c in candidates if c != ("exact", {})]:
+            t = time.perf_counter()
+            index = cls.build(x, ids, backend=backend, distance=distance, **params)
+            build_s = time.perf_counter() - t
+            got, seconds = answers(index)
+            if truth is None:
+                truth = got
+            recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, truth)]))
+            row = {"backend": backend, "params": params, "build_s": build_s, "qps": len(qi) / seconds,
+                   f"recall@{k}": recall}
+            if (backend, params) in candidates or backend == "exact":
+                table.append(row)
+            log.info("%-6s %-28s build %7.2f s  %9.0f queries/s  recall@%d %.3f", backend, params, build_s,
+                     row["qps"], k, recall)
+        good = [r for r in table if r[f"recall@{k}"] >= target_recall]
+        best = max(good, key=lambda r: r["qps"]) if good else max(table, key=lambda r: r[f"recall@{k}"])
+        return {"backend": best["backend"], "params": best["params"], "table": table}
+
     # ------------------------------------------------------------------ persistence
     def save(self, path) -> Path:
         """Write the index to the folder ``path``: ``manifest.json`` (backend, parameters,
