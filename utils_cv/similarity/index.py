@@ -298,6 +298,15 @@ class SimilarityIndex:
             self._row_of[i] = start + j
         self._ids.extend(ids)
 
+    def _id_array(self) -> np.ndarray:
+        """The ids as an object array, rebuilt only when rows were added."""
+        cached = self.__dict__.get("_ids_cache")
+        if cached is None or len(cached) != len(self._ids):
+            cached = np.empty(len(self._ids), dtype=object)
+            cached[:] = self._ids
+            self._ids_cache = cached
+        return cached
+
     def remove(self, ids) -> int:
         """Remove items by id; returns how many were removed. Unknown ids raise KeyError."""
         ids = list(ids)
@@ -330,6 +339,8 @@ class SimilarityIndex:
         else:
             D, I = self._faiss.search(self._prepared(q), fetch)
             D = np.sqrt(np.maximum(D, 0.0)) if self.distance == "l2" else np.maximum(D, 0.0) / 2.0
+        if not self._removed and (I[:, :k] >= 0).all():  # the common case, without a Python loop per row
+            return np.ascontiguousarray(D[:, :k], dtype=np.float32), self._id_array()[I[:, :k]]
         out_d = np.full((len(q), k), np.inf, dtype=np.float32)
         out_i = np.empty((len(q), k), dtype=object)
         for r in range(len(q)):
