@@ -136,14 +136,14 @@ class Licence:
     def lookup(self, path: str) -> tuple[str, str]:
         """Licence and copyright for ``path`` (DEP-5: last match wins; extensions ignored,
         since gcompris lists its sources as .jpg/.png and ships them as .webp)."""
-        stem = str(PurePosixPath(path).with_suffix(""))
+        def without_extension(p: str) -> str:  # globs like "resource/*" stay as they are
+            return p if "*" in PurePosixPath(p).name else str(PurePosixPath(p).with_suffix(""))
+
+        stem = without_extension(path)
         found = ("unknown", "")
         for patterns, licence, copyright_ in self.stanzas:
-            for pattern in patterns:
-                if fnmatch.fnmatch(path, pattern) or fnmatch.fnmatch(
-                    stem, str(PurePosixPath(pattern).with_suffix("")) if "*" not in PurePosixPath(pattern).name else pattern
-                ):
-                    found = (licence, copyright_)
+            if any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(stem, without_extension(p)) for p in patterns):
+                found = (licence, copyright_)
         return found
 
 

@@ -62,7 +62,7 @@ def _demo(args: argparse.Namespace) -> int:
         queries = list(range(len(paths)))
     feats = features.extract_features(net, paths, transform, batch_size=args.batch_size, progress=progress)
     if args.epochs <= 0:
-        print("\n" + _evaluation_table(feats, labels, args.negatives, args.seed, metrics, data))
+        print("\n" + _evaluation_table(feats, labels, args.negatives, args.seed))
     k = min(args.k, len(paths) - 1)
     D, I = index.knn(feats, feats, k=k, exclude_self=True)
     _show_neighbours(args, paths, labels, queries, D, I, k, title)
@@ -130,8 +130,10 @@ def _show_neighbours(args, paths, labels, queries, D, I, k, title) -> None:
     print(f"\nfigure: {out}")
 
 
-def _evaluation_table(feats, labels, num_negatives, seed, metrics, data) -> str:
+def _evaluation_table(feats, labels, num_negatives, seed) -> str:
     import numpy as np
+
+    from utils_cv.similarity import data, metrics
 
     scores = metrics.evaluate_retrieval(feats, labels)
     lines = ["evaluation (leave-one-out: every image a query against all others)",

@@ -415,6 +415,8 @@ class SimilarityIndex:
         import shutil
         import tempfile
 
+        from utils_cv.common.versions import library_versions
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -434,7 +436,7 @@ class SimilarityIndex:
                 files[name] = hashlib.sha256((tmp / name).read_bytes()).hexdigest()
             manifest = {"format": _FORMAT, "backend": self.backend, "distance": self.distance, "dim": self.dim,
                         "params": self.params, "metadata": self.metadata, "count": len(alive),
-                        "versions": _versions(), "sha256": files}
+                        "versions": library_versions("numpy", "faiss"), "sha256": files}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
             old = None
             if path.exists():
@@ -492,13 +494,3 @@ class SimilarityIndex:
                 raise ImportError("This index needs faiss to load: pip install faiss-cpu.")
             index._faiss = faiss.read_index(str(path / "index.faiss"))
         return index
-
-
-def _versions() -> dict:
-    import utils_cv
-
-    out = {"utils_cv": utils_cv.__version__, "numpy": np.__version__}
-    faiss = _faiss()
-    if faiss is not None:
-        out["faiss"] = faiss.__version__
-    return out

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils_cv.common.paths import atomic_write
+from utils_cv.common.versions import library_versions
 from utils_cv.similarity import data as data_mod
 from utils_cv.similarity import features as features_mod
 from utils_cv.similarity import metrics as metrics_mod
@@ -418,21 +419,6 @@ def embedding_model(learner) -> tuple[nn.Module, Callable]:
     return module, learner.embedding_transform
 
 
-def _versions() -> dict:
-    import timm
-
-    import utils_cv
-
-    out = {"utils_cv": utils_cv.__version__, "torch": torch.__version__, "timm": timm.__version__}
-    try:
-        import fastai
-
-        out["fastai"] = fastai.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return out
-
-
 def save(learner, path: str | os.PathLike) -> Path:
     """Save weights + metadata in one file (atomically), and the metadata as JSON beside it.
 
@@ -446,7 +432,7 @@ def save(learner, path: str | os.PathLike) -> Path:
         raise ValueError("save needs a Learner from train.create_learner (no similarity_config found).")
     net = learner.model
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    meta = {"format": FORMAT, **config, "versions": _versions(),
+    meta = {"format": FORMAT, **config, "versions": library_versions("torch", "timm", "fastai"),
             "tensors": {k: list(v.shape) for k, v in state.items()}}
     if getattr(learner, "similarity_log", None):
         meta["training_log"] = learner.similarity_log
