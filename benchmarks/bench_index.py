@@ -1,6 +1,6 @@
 """SimilarityIndex backends at scale: build time, memory, queries/s and recall@10 vs exact.
 
-    .venv/bin/python benchmarks/bench_index.py [--n 1000000] [--d 512] [--queries 10000]
+    .venv/bin/python benchmarks/bench_index.py [--n 1000000] [--d 512] [--queries 10000] [--sweep]
 
 Synthetic clustered vectors (seeded). Each backend builds and searches in its own child
 process, so the peak resident memory it reports is its own (the data set itself included:
@@ -30,16 +30,20 @@ CHILD = textwrap.dedent("""
         m = min(100_000, n - s)
         x[s:s + m] = centers[rng.integers(0, 1000, m)] + 0.5 * rng.normal(size=(m, d)).astype(np.float32)
     q = (centers[rng.integers(0, 1000, nq)] + 0.5 * rng.normal(size=(nq, d))).astype(np.float32)
+    params = json.loads(sys.argv[6])
     t = time.perf_counter()
-    index = SimilarityIndex.build(x, range(n), backend=backend)
+    index = SimilarityIndex.build(x, range(n), backend=backend, **params)
     build = time.perf_counter() - t
-    t = time.perf_counter()
-    _, ids = index.search(q, 10)
-    search = time.perf_counter() - t
-    np.save(out, ids.astype(np.int64))
-    print(json.dumps({"build_s": build, "qps": nq / search,
-                      "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
-                      "params": index.params}))
+    del x
+    rows = []
+    for j, setting in enumerate(json.loads(sys.argv[7])):
+        index.set_search_params(**setting)
+        t = time.perf_counter()
+        _, ids = index.search(q, 10)
+        search = time.perf_counter() - t
+        np.save(f"{out}.{j}.npy", ids.astype(np.int64))
+        rows.append({"build_s": build, "qps": nq / search, "params": dict(index.params)})
+    print(json.dumps({"peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, "rows": rows}))
 """)
 
 
@@ -49,28 +53,42 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--queries", type=int, default=10_000)
     parser.add_argument("--backends", nargs="+", default=["exact", "ivfpq", "hnsw"])
+    parser.add_argument("--build-params", default="{}",
+                        help='JSON per backend, e.g. \'{"hnsw": {"efConstruction": 100}}\'')
+    parser.add_argument("--sweep", action="store_true",
+                        help="also search with other query-time settings (efSearch, nprobe, k_factor)")
     args = parser.parse_args()
-    rows = {}
+    build_params = json.loads(args.build_params)
+    sweeps = {"exact": [{}], "hnsw": [{}], "ivfpq": [{}]}
+    if args.sweep:
+        sweeps["hnsw"] = [{"efSearch": e} for e in (16, 32, 64, 128, 256)]
+        sweeps["ivfpq"] = [{"nprobe": p, "k_factor": f} for p, f in ((4, 4), (8, 4), (8, 8), (16, 8), (32, 8), (64, 16))]
+    import numpy as np
+
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for backend in args.backends:
-            out = Path(tmp) / f"{backend}.npy"
+        for backend in ["exact"] + [b for b in args.backends if b != "exact"]:
+            out = Path(tmp) / backend
             proc = subprocess.run([sys.executable, "-c", CHILD, str(args.n), str(args.d), str(args.queries), backend,
-                                   str(out)], capture_output=True, text=True)
+                                   str(out), json.dumps(build_params.get(backend, {})), json.dumps(sweeps[backend])],
+                                  capture_output=True, text=True)
             if proc.returncode != 0:
                 print(f"{backend} failed:\n{proc.stderr[-2000:]}")
                 continue
-            rows[backend] = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows[backend]["ids"] = __import__("numpy").load(out)
-    import numpy as np
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            for j, row in enumerate(r["rows"]):
+                row.update(backend=backend, peak_gb=r["peak_gb"], ids=np.load(f"{out}.{j}.npy"))
+                results.append(row)
+            print(f"{backend} done", file=sys.stderr, flush=True)
 
-    truth = rows["exact"]["ids"]
+    truth, exact_qps = results[0]["ids"], results[0]["qps"]
     print(f"{args.n:,} x {args.d} clustered vectors, {args.queries:,} queries, k = 10\n")
     print("| backend | parameters | build (s) | peak memory (GB) | queries/s | vs exact | recall@10 |")
     print("|---|---|---:|---:|---:|---:|---:|")
-    for name, r in rows.items():
+    for r in results:
         recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(r["ids"], truth)])
-        print(f"| {name} | {r['params']} | {r['build_s']:.1f} | {r['peak_gb']:.2f} | {r['qps']:.0f} | "
-              f"{r['qps'] / rows['exact']['qps']:.1f}x | {recall:.3f} |")
+        print(f"| {r['backend']} | {r['params']} | {r['build_s']:.1f} | {r['peak_gb']:.2f} | {r['qps']:.0f} | "
+              f"{r['qps'] / exact_qps:.1f}x | {recall:.3f} |")
 
 
 if __name__ == "__main__":

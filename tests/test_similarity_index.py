@@ -128,3 +128,108 @@ def test_recommend_measures_every_candidate_and_picks_a_fast_one_that_reaches_th
     assert chosen["qps"] == max(r["qps"] for r in rec["table"] if r["recall@10"] >= 0.9)
     only_exact = SimilarityIndex.recommend(x[:500], target_recall=1.0, candidates=[("exact", {})], num_queries=50)
     assert only_exact["backend"] == "exact"
+
+
+def test_search_parameters_change_without_rebuilding_and_survive_save(data, tmp_path):
+    x, q, ids = data
+    exact_ids = SimilarityIndex.build(x, ids).search(q, 10)[1]
+    idx = SimilarityIndex.build(x, ids, backend="hnsw", M=8, efConstruction=40, efSearch=10)
+
+    def recall():
+        return np.mean([len(set(a) & set(e)) / 10 for a, e in zip(idx.search(q, 10)[1], exact_ids)])
+
+    low = recall()
+    idx.set_search_params(efSearch=200)
+    assert idx.params["efSearch"] == 200
+    high = recall()
+    assert high >= low + 0.2 and high >= 0.9, (low, high)
+    idx.save(tmp_path / "idx")
+    again = SimilarityIndex.load(tmp_path / "idx")
+    assert again.params["efSearch"] == 200
+    assert (again.search(q, 10)[1] == idx.search(q, 10)[1]).all()
+    with pytest.raises(ValueError, match="nprobe"):
+        idx.set_search_params(nprobe=4)
+    with pytest.raises(ValueError, match="'efSearch'"):
+        idx.set_search_params(efSearch=0)
+    lean = SimilarityIndex.build(x, ids, backend="ivfpq", refine=False, nprobe=1)
+    with pytest.raises(ValueError, match="refine=True"):
+        lean.set_search_params(k_factor=4)
+    lean.set_search_params(nprobe=lean.params["nlist"])  # every cell: only the PQ codes limit recall now
+    assert lean.params["nprobe"] == lean.params["nlist"]
+
+
+def test_path_and_tuple_ids_round_trip(data, tmp_path):
+    from pathlib import Path
+
+    x, q, _ = data
+    ids = [Path("photos") / f"{i}.jpg" for i in range(50)] + [("clip", i) for i in range(50)] + list(range(50))
+    idx = SimilarityIndex.build(x[:150], ids)
+    idx.save(tmp_path / "idx")
+    again = SimilarityIndex.load(tmp_path / "idx")
+    assert (again.search(q, 5)[1] == idx.search(q, 5)[1]).all()
+    assert again.search(x[:1], 1)[1][0, 0] == Path("photos/0.jpg")
+    assert again.search(x[60:61], 1)[1][0, 0] == ("clip", 10)
+    again.remove([Path("photos/0.jpg")])
+    assert len(again) == 149
+
+
+def test_a_failed_save_leaves_the_previous_index_loadable(data, tmp_path):
+    x, q, ids = data
+    SimilarityIndex.build(x[:100], ids[:100]).save(tmp_path / "idx")
+    bad = SimilarityIndex.build(x[:200], [object() for _ in range(200)])  # ids JSON cannot hold
+    with pytest.raises(TypeError, match="ids must be"):
+        bad.save(tmp_path / "idx")
+    assert len(SimilarityIndex.load(tmp_path / "idx")) == 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"], "the half-written folder is cleaned up"
+
+
+KILL_CHILD = """
+import sys
+import numpy as np
+from utils_cv.similarity.index import SimilarityIndex
+rng = np.random.default_rng(0)
+x = rng.normal(size=(200_000, 64)).astype(np.float32)
+big = SimilarityIndex.build(x, range(len(x)))
+while True:
+    big.save(sys.argv[1])
+    print("saved", flush=True)
+"""
+
+
+@pytest.mark.parametrize("fraction", [0.15, 0.5, 0.8, 0.97])
+def test_killing_a_process_mid_save_never_loses_the_index(data, tmp_path, fraction):
+    """SIGKILL at several points of a save: what is on disk always loads whole (old or new)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    x, _, ids = data
+    target = tmp_path / "idx"
+    SimilarityIndex.build(x[:100], ids[:100]).save(target)
+    child = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        stamps = []
+        for _ in range(3):
+            assert child.stdout.readline().strip() == "saved"
+            stamps.append(time.perf_counter())
+        period = (stamps[-1] - stamps[0]) / 2
+        time.sleep(fraction * period)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        child.kill()
+    loaded = SimilarityIndex.load(target)
+    assert len(loaded) == 200_000
+    D, _ = loaded.search(np.zeros((1, 64), np.float32), 1)
+    assert np.isfinite(D).all()
+
+
+def test_load_recovers_the_previous_index_when_a_save_died_between_its_renames(data, tmp_path, caplog):
+    x, _, ids = data
+    SimilarityIndex.build(x[:100], ids[:100]).save(tmp_path / "idx")
+    (tmp_path / "idx").rename(tmp_path / ".idx.old")  # the state between save's two renames
+    assert len(SimilarityIndex.load(tmp_path / "idx")) == 100
+    assert "interrupted save" in caplog.text
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        SimilarityIndex.load(tmp_path / "elsewhere")

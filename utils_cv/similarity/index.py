@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+
 import numpy as np
 
 __all__ = ["BACKENDS", "DISTANCES", "SimilarityIndex", "knn", "pairwise_distances"]
@@ -185,6 +187,25 @@ _DEFAULTS = {
 _FORMAT = "utils_cv.similarity.index/1"
 
 
+def _encode_id(i):
+    """ids.json holds str / int / float ids as themselves, paths and tuples tagged."""
+    if isinstance(i, Path):
+        return {"path": str(i)}
+    if isinstance(i, tuple):
+        return {"tuple": [_encode_id(j) for j in i]}
+    if isinstance(i, (np.integer, np.str_)):
+        return i.item()
+    if i is None or isinstance(i, (str, int, float)):
+        return i
+    raise TypeError(f"Index ids must be str, int, float, pathlib.Path or tuples of them to be saved; got {type(i).__name__}.")
+
+
+def _decode_id(i):
+    if isinstance(i, dict):
+        return Path(i["path"]) if "path" in i else tuple(_decode_id(j) for j in i["tuple"])
+    return tuple(i) if isinstance(i, list) else i
+
+
 def _pq_m(d: int) -> int:
     target = max(1, min(64, d // 4))
     return max(m for m in range(1, target + 1) if d % m == 0)
@@ -265,12 +286,47 @@ class SimilarityIndex:
         if len(train) < max(int(p["nlist"]), 256):
             raise ValueError(f"ivfpq needs at least max(nlist, 256) = {max(int(p['nlist']), 256)} vectors to "
                              f"train; got {len(train)}. Use backend='exact' or 'hnsw' for small sets.")
+        # k-means needs about 40-256 points per cell; a seeded sample of 64 per cell keeps
+        # training time flat in n (faiss itself would sample 256 per cell)
+        limit = 64 * int(p["nlist"])
+        if len(train) > limit:
+            train = train[np.sort(np.random.default_rng(0).choice(len(train), limit, replace=False))]
         ivf.train(train)
         if not p["refine"]:
             return ivf
         refined = faiss.IndexRefineFlat(ivf)
         refined.k_factor = float(p["k_factor"])
         return refined
+
+    _SEARCH_PARAMS = {"exact": (), "hnsw": ("efSearch",), "ivfpq": ("nprobe", "k_factor")}
+
+    def set_search_params(self, **params) -> None:
+        """Change query-time parameters without rebuilding: ``efSearch`` (hnsw), ``nprobe``
+        and ``k_factor`` (ivfpq; ``k_factor`` only with ``refine=True``). Higher values find
+        more of the true neighbours and answer more slowly; :meth:`recommend` measures both."""
+        allowed = self._SEARCH_PARAMS[self.backend]
+        unknown = set(params) - set(allowed)
+        if unknown:
+            raise ValueError(f"Unknown search parameters {sorted(unknown)} for backend {self.backend!r}; "
+                             f"it takes {list(allowed) or 'none'}.")
+        for name, value in params.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or value < 1:
+                raise ValueError(f"The {name!r} parameter must be a number >= 1. Got {value!r} instead.")
+        if "k_factor" in params and not self.params.get("refine"):
+            raise ValueError("'k_factor' applies only to an ivfpq index built with refine=True.")
+        self.params.update(params)
+        self._apply_search_params()
+
+    def _apply_search_params(self) -> None:
+        faiss = _faiss()
+        p = self.params
+        if self.backend == "hnsw":
+            self._faiss.hnsw.efSearch = int(p["efSearch"])
+        elif self.backend == "ivfpq":
+            ivf = faiss.extract_index_ivf(self._faiss)
+            ivf.nprobe = int(p["nprobe"])
+            if p.get("refine"):
+                faiss.downcast_index(self._faiss).k_factor = float(p["k_factor"])
 
     # ------------------------------------------------------------------ contents
     def __len__(self) -> int:
@@ -423,7 +479,8 @@ class SimilarityIndex:
         try:
             files = {}
             alive = [r for r in range(len(self._ids)) if r not in self._removed]
-            (tmp / "ids.json").write_text(json.dumps({"ids": self._ids, "removed": sorted(self._removed)}))
+            (tmp / "ids.json").write_text(json.dumps({"ids": [_encode_id(i) for i in self._ids],
+                                                      "removed": sorted(self._removed)}))
             files["ids.json"] = None
             if self.backend == "exact":
                 np.save(tmp / "features.npy", self._features)
@@ -465,8 +522,13 @@ class SimilarityIndex:
         path = Path(path)
         if not (path / "manifest.json").is_file():
             old = path.with_name(f".{path.name}.old")
-            hint = f" (an interrupted save left the previous index at {str(old)!r})" if old.exists() else ""
-            raise FileNotFoundError(f"No index at {str(path)!r}: manifest.json is missing{hint}.")
+            if not path.exists() and (old / "manifest.json").is_file():
+                # a save was killed between its two renames: the previous index is whole there
+                logging.getLogger(__name__).warning("%s is missing; loading the previous index from %s, left "
+                                                    "by an interrupted save.", path, old)
+                path = old
+            else:
+                raise FileNotFoundError(f"No index at {str(path)!r}: manifest.json is missing.")
         try:
             manifest = json.loads((path / "manifest.json").read_text())
         except json.JSONDecodeError as exc:
@@ -483,7 +545,7 @@ class SimilarityIndex:
         index = cls(manifest["backend"], manifest["distance"], int(manifest["dim"]), manifest["params"],
                     manifest["metadata"])
         stored = json.loads((path / "ids.json").read_text())
-        index._ids = [tuple(i) if isinstance(i, list) else i for i in stored["ids"]]
+        index._ids = [_decode_id(i) for i in stored["ids"]]
         index._removed = set(stored["removed"])
         index._row_of = {i: r for r, i in enumerate(index._ids) if r not in index._removed}
         if index.backend == "exact":
@@ -493,4 +555,5 @@ class SimilarityIndex:
             if faiss is None:
                 raise ImportError("This index needs faiss to load: pip install faiss-cpu.")
             index._faiss = faiss.read_index(str(path / "index.faiss"))
+            index._apply_search_params()
         return index
