@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all venv clean data
+.PHONY: demo test test-all venv clean data notebooks
 
 venv: $(STAMP)
 
@@ -28,6 +28,11 @@ test-all: $(STAMP)
 data: $(STAMP)
 	apt-get install -y --no-install-recommends tuxpaint-stamps-default gcompris-qt-data
 	$(PY) data/tools/build_default_dataset.py
+
+# re-run every notebook with its own parameters and store the outputs (long: trains models)
+NOTEBOOKS ?= $(sort $(wildcard notebooks/[0-9]*.ipynb))
+notebooks: $(STAMP)
+	$(PY) -m utils_cv.common.notebook $(NOTEBOOKS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

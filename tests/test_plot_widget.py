@@ -61,3 +61,17 @@ def test_training_log_plot_marks_the_best_epoch():
     assert ax.twin.collections[0].get_offsets().tolist() == [[1.0, 0.7]]
     with pytest.raises(ValueError, match="empty"):
         plot.plot_training_log([])
+
+
+def test_recall_vs_speed_plot_draws_one_line_per_backend_sorted_by_speed():
+    rows = [{"backend": "hnsw", "qps": 900.0, "recall@10": 0.99}, {"backend": "hnsw", "qps": 5000.0, "recall@10": 0.8},
+            {"backend": "ivfpq", "qps": 3000.0, "recall@10": 0.95}, {"backend": "exact", "qps": 100.0, "recall@10": 1.0}]
+    ax = plot.plot_recall_vs_speed(rows, target=0.9)
+    lines = {l.get_label(): l for l in ax.get_lines()}
+    assert set(lines) == {"hnsw", "ivfpq", "exact", "target 0.9"}
+    assert list(lines["hnsw"].get_xdata()) == [900.0, 5000.0] and list(lines["hnsw"].get_ydata()) == [0.99, 0.8]
+    assert ax.get_xscale() == "log"
+    with pytest.raises(ValueError, match="recall@5"):
+        plot.plot_recall_vs_speed(rows, k=5)
+    with pytest.raises(ValueError, match="empty"):
+        plot.plot_recall_vs_speed([])

@@ -233,3 +233,27 @@ def test_load_recovers_the_previous_index_when_a_save_died_between_its_renames(d
     assert "interrupted save" in caplog.text
     with pytest.raises(FileNotFoundError, match="manifest.json"):
         SimilarityIndex.load(tmp_path / "elsewhere")
+
+
+def test_clustered_vectors_and_the_recall_speed_sweep(data):
+    x = index.clustered_vectors(3000, 16, clusters=20, noise=0.1, seed=3)
+    again = index.clustered_vectors(3000, 16, clusters=20, noise=0.1, seed=3)
+    q = index.clustered_vectors(100, 16, clusters=20, noise=0.1, seed=3, draw=1)
+    assert x.shape == (3000, 16) and x.dtype == np.float32 and (x == again).all()
+    assert not np.isin(q, x).all(axis=1).any(), "draw=1 is a new sample"
+    # 20 blobs of std 0.1 around centres ~sqrt(2 * 16) apart: each query's neighbour is in its own blob
+    _, I = index.knn(q, x, 1)
+    assert (np.linalg.norm(q - x[I[:, 0]], axis=1) < 1.0).all()
+    ids = list(range(len(x)))
+    exact = SimilarityIndex.build(x, ids)
+    hnsw = SimilarityIndex.build(x, ids, backend="hnsw", M=4, efConstruction=8)
+    rows = index.sweep_search_params(hnsw, q, [{"efSearch": 1}, {"efSearch": 400}], exact=exact)
+    assert [r["params"]["efSearch"] for r in rows] == [1, 400] and hnsw.params["efSearch"] == 400
+    assert rows[1]["recall@10"] >= rows[0]["recall@10"] and rows[1]["recall@10"] >= 0.9
+    assert all(r["qps"] > 0 and r["backend"] == "hnsw" for r in rows)
+    truth = exact.search(q, 10)[1]
+    assert index.sweep_search_params(exact, q, [{}], truth=truth)[0]["recall@10"] == 1.0
+    with pytest.raises(ValueError, match="'truth'"):
+        index.sweep_search_params(hnsw, q, [{}])
+    with pytest.raises(ValueError, match="'n'"):
+        index.clustered_vectors(0, 4)

@@ -7,7 +7,8 @@ import logging
 
 import numpy as np
 
-__all__ = ["BACKENDS", "DISTANCES", "SimilarityIndex", "knn", "pairwise_distances"]
+__all__ = ["BACKENDS", "DISTANCES", "SimilarityIndex", "clustered_vectors", "knn", "pairwise_distances",
+           "sweep_search_params"]
 
 DISTANCES = ("l2", "cosine")
 _BLOCK_BYTES = 256 * 1024 * 1024  # the (rows x nr) float32 block of distances
@@ -557,3 +558,59 @@ class SimilarityIndex:
             index._faiss = faiss.read_index(str(path / "index.faiss"))
             index._apply_search_params()
         return index
+
+
+# ---------------------------------------------------------------------------- measuring
+def clustered_vectors(n: int, d: int = 512, clusters: int = 1000, noise: float = 0.5, seed: int = 0,
+                      draw: int = 0) -> np.ndarray:
+    """Synthetic (n, d) float32 features: Gaussian blobs of std ``noise`` around ``clusters``
+    random centres (standard normal).
+
+    A stand-in for a large image collection when measuring index speed and recall (real
+    embeddings form clusters too). The centres depend on ``seed`` alone; ``draw`` picks an
+    independent sample around the same centres, e.g. ``draw=1`` for queries of a
+    ``draw=0`` collection. Generated in blocks of 100k rows: memory is the output alone.
+    """
+    for name, value in (("n", n), ("d", d), ("clusters", clusters)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"The {name!r} parameter must be a positive integer. Got {value!r} instead.")
+    c = np.random.default_rng(seed).normal(size=(clusters, d)).astype(np.float32)
+    rng = np.random.default_rng([seed, draw])
+    x = np.empty((n, d), np.float32)
+    for start in range(0, n, 100_000):
+        m = min(100_000, n - start)
+        x[start:start + m] = c[rng.integers(0, clusters, m)] + noise * rng.normal(size=(m, d)).astype(np.float32)
+    return x
+
+
+def sweep_search_params(index: "SimilarityIndex", query, settings: list[dict], k: int = 10,
+                        truth: np.ndarray | None = None, exact: "SimilarityIndex | None" = None) -> list[dict]:
+    """Queries per second and recall@k of ``index`` for each query-time setting.
+
+    Args:
+        settings: e.g. ``[{"efSearch": 16}, {"efSearch": 64}]`` for hnsw or
+            ``[{"nprobe": 4}, {"nprobe": 16}]`` for ivfpq (see
+            :meth:`SimilarityIndex.set_search_params`); ``{}`` keeps the current one.
+        truth: the exact answers (nq, k) as ids; computed with ``exact`` when not given.
+
+    Returns:
+        One dict per setting: ``backend``, ``params`` (all of them), ``qps``, ``recall@k``.
+        The index keeps the last setting.
+    """
+    import time
+
+    q = _as_matrix(query, "query")
+    if truth is None:
+        if exact is None:
+            raise ValueError("Give either 'truth' (exact answers) or 'exact' (an exact index over the same items).")
+        truth = exact.search(q, k)[1]
+    rows = []
+    for setting in settings:
+        index.set_search_params(**setting)
+        start = time.perf_counter()
+        _, got = index.search(q, k)
+        seconds = max(time.perf_counter() - start, 1e-9)
+        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got.tolist(), np.asarray(truth).tolist())]))
+        rows.append({"backend": index.backend, "params": dict(index.params), "qps": len(q) / seconds,
+                     f"recall@{k}": recall})
+    return rows

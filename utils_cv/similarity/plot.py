@@ -7,7 +7,7 @@ import numpy as np
 
 from utils_cv.similarity.data import load_image
 
-__all__ = ["plot_neighbors", "plot_rank_distribution", "plot_recall_at_k", "plot_training_log"]
+__all__ = ["plot_neighbors", "plot_rank_distribution", "plot_recall_at_k", "plot_recall_vs_speed", "plot_training_log"]
 
 
 def _thumb(path, size: int) -> np.ndarray:
@@ -124,6 +124,38 @@ def plot_recall_at_k(results: dict, ax=None, max_k: int = 20):
     ax.set_xlabel("k")
     ax.set_ylabel("recall@k")
     ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return ax
+
+
+def plot_recall_vs_speed(rows: Sequence[dict], ax=None, k: int = 10, target: float | None = 0.95):
+    """Recall@k against queries per second, one line per backend (rows from
+    ``index.sweep_search_params`` or ``SimilarityIndex.recommend(...)["table"]``).
+
+    Up and to the right is better; ``target`` draws the recall goal as a dashed line.
+
+    Returns:
+        The matplotlib Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if not rows:
+        raise ValueError("The 'rows' parameter is empty: pass what index.sweep_search_params returned.")
+    key = f"recall@{k}"
+    missing = [r for r in rows if key not in r or "qps" not in r]
+    if missing:
+        raise ValueError(f"Each row needs 'qps' and {key!r}; got keys {sorted(missing[0])}.")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        pts = sorted((r["qps"], r[key]) for r in rows if r["backend"] == backend)
+        ax.plot(*zip(*pts), marker="o", ms=4, label=backend)
+    if target is not None:
+        ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("queries per second (log)")
+    ax.set_ylabel(key)
     ax.grid(alpha=0.3)
     ax.legend()
     return ax

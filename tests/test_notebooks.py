@@ -1,0 +1,58 @@
+"""Each numbered notebook, run top to bottom by a real Jupyter kernel with tiny parameters.
+
+The executed copies go to a temp dir; ``notebooks/`` is never written. The numbers each
+notebook records in its last cell are read back and checked.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import draw_image_folder
+from utils_cv.common.notebook import execute, read_records
+
+pytestmark = pytest.mark.notebooks
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+def run(name: str, tmp_path: Path, **parameters) -> dict:
+    before = {p: p.stat().st_mtime_ns for p in NOTEBOOKS.rglob("*")}
+    out = execute(NOTEBOOKS / f"{name}.ipynb", tmp_path / "executed" / f"{name}.ipynb", parameters, cwd=tmp_path,
+                  timeout=600)
+    assert {p: p.stat().st_mtime_ns for p in NOTEBOOKS.rglob("*")} == before, "notebooks/ must stay untouched"
+    return read_records(out)
+
+
+def test_notebooks_have_a_literal_parameters_cell_and_no_definitions():
+    import ast
+
+    import nbformat
+
+    names = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
+    assert names, "no notebooks found"
+    for path in NOTEBOOKS.glob("*.ipynb"):
+        nb = nbformat.read(path, as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{path.name}: one cell tagged 'parameters'"
+        for stmt in ast.parse(tagged[0].source).body:
+            assert isinstance(stmt, ast.Assign), f"{path.name}: parameters are assignments"
+            ast.literal_eval(stmt.value)  # literals only
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                tree = ast.parse("\n".join(l for l in cell.source.splitlines() if not l.lstrip().startswith(("%", "!"))))
+                defs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+                assert not defs, f"{path.name}: no def/class in notebooks, put it in utils_cv"
+        assert path.stat().st_size <= 2 * 1024 * 1024, f"{path.name} is over 2 MB"
+
+
+def test_12_fast_retrieval(tmp_path):
+    folder = draw_image_folder(tmp_path / "images", per_class=6)
+    r = run("12_fast_retrieval", tmp_path, DATA_PATH=str(folder), SYNTHETIC_N=3000, SYNTHETIC_DIM=32,
+            NUM_QUERIES=50, HNSW_ON_SYNTHETIC=True, INDEX_DIR=str(tmp_path / "index"))
+    assert r["num_images"] == 18 and r["feature_dim"] > 0
+    assert r["synthetic_n"] == 3000 and r["exact_qps"] > 0
+    assert r["best_approx_backend"] in {"hnsw", "ivfpq"} and r["best_approx_recall_at_10"] >= 0.95
+    assert r["own_class_top5_before_add"] == 0.0 and r["own_class_top5_after_add"] >= 0.2
+    assert r["index_len"] == 18 - 2
+    assert (tmp_path / "index" / "manifest.json").is_file()
