@@ -11,7 +11,15 @@ __all__ = ["plot_neighbors", "plot_rank_distribution", "plot_recall_at_k", "plot
 
 
 def _thumb(path, size: int) -> np.ndarray:
-    im = load_image(path)
+    """A square thumbnail of a file, a PIL image or an (H, W, 3) uint8 RGB array."""
+    from PIL import Image
+
+    if isinstance(path, Image.Image):
+        im = path.convert("RGB")
+    elif isinstance(path, np.ndarray):
+        im = Image.fromarray(path).convert("RGB")
+    else:
+        im = load_image(path)
     im.thumbnail((size, size))
     canvas = np.full((size, size, 3), 255, dtype=np.uint8)
     arr = np.asarray(im)
@@ -30,6 +38,8 @@ def plot_neighbors(
     thumb_size: int = 128,
 ):
     """A query image followed by its nearest neighbours on one Axes.
+
+    ``query_path`` may also be an in-memory image (PIL or RGB array), e.g. a camera frame.
 
     Each neighbour is captioned with its distance and label; when labels are given, a green
     frame marks a neighbour of the query's class and a red frame one of another class.
