@@ -49,3 +49,17 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "cache"
     monkeypatch.setenv("UTILS_CV_CACHE", str(path))
     return path
+
+
+def write_video(path: Path, frames, fps: int = 10) -> Path:
+    """An MJPG video of ``frames`` (a list of (H, W, 3) uint8 RGB arrays): a camera stand-in
+    that OpenCV opens like a device."""
+    import cv2
+
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    assert writer.isOpened(), "OpenCV cannot write MJPG video here"
+    for rgb in frames:
+        writer.write(np.ascontiguousarray(rgb[:, :, ::-1]))
+    writer.release()
+    return path

@@ -56,3 +56,30 @@ def test_12_fast_retrieval(tmp_path):
     assert r["own_class_top5_before_add"] == 0.0 and r["own_class_top5_after_add"] >= 0.2
     assert r["index_len"] == 18 - 2
     assert (tmp_path / "index" / "manifest.json").is_file()
+
+
+def test_00_webcam_with_a_video_file_as_the_camera(tmp_path):
+    import numpy as np
+
+    from conftest import write_video
+    from utils_cv.similarity import data
+
+    folder = draw_image_folder(tmp_path / "images")
+    paths, labels = data.list_images(folder)
+    frame = np.asarray(data.load_image(paths[5]))
+    video = write_video(tmp_path / "camera.avi", [frame] * 8)
+    r = run("00_webcam", tmp_path, DATA_PATH=str(folder), CAMERA=str(video), TOP_K=4)
+    assert r["source"] == "camera" and r["num_reference"] == 12
+    assert r["top1_label"] == labels[5], "the camera shows one of the folder's images: it is found first"
+    assert r["top1_distance"] < 0.3 and r["top1_distance"] <= r["topk_distance"]
+    assert len(r["topk_labels"]) == 4
+
+
+def test_00_webcam_without_a_camera_uses_the_file(tmp_path):
+    from utils_cv.similarity import data
+
+    folder = draw_image_folder(tmp_path / "images")
+    paths, labels = data.list_images(folder)
+    r = run("00_webcam", tmp_path, DATA_PATH=str(folder), CAMERA=None, QUERY_PATH=str(paths[7]), TOP_K=3)
+    assert r["source"] == "file"
+    assert r["top1_label"] == labels[7] and r["top1_distance"] < 1e-3, "the file itself is the first hit"

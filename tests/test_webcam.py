@@ -6,21 +6,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_video
 from utils_cv.similarity import data, webcam
 
 
 def _write_video(path: Path, frames: int = 8, size=(80, 60)) -> Path:
-    """A short MJPG video: a red square on a white background, the "camera" of the test."""
-    import cv2
-
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, size)
-    assert writer.isOpened()
+    """A red square moving on white: the "camera" of the test."""
+    images = []
     for i in range(frames):
-        bgr = np.full((size[1], size[0], 3), 255, np.uint8)
-        bgr[10:50, 10 + i:50 + i] = (0, 0, 255)  # red in BGR
-        writer.write(bgr)
-    writer.release()
-    return path
+        rgb = np.full((size[1], size[0], 3), 255, np.uint8)
+        rgb[10:50, 10 + i:50 + i] = (255, 0, 0)
+        images.append(rgb)
+    return write_video(path, images)
 
 
 def test_a_video_source_gives_an_rgb_frame_through_opencv(tmp_path):
