@@ -75,3 +75,14 @@ def test_recall_vs_speed_plot_draws_one_line_per_backend_sorted_by_speed():
         plot.plot_recall_vs_speed(rows, k=5)
     with pytest.raises(ValueError, match="empty"):
         plot.plot_recall_vs_speed([])
+
+
+def test_class_examples_grid_has_one_labelled_row_per_class(image_folder):
+    paths, labels = data.list_images(image_folder)
+    ax = plot.plot_class_examples(paths, labels, per_class=3, thumb_size=32)
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["circles (4)", "squares (4)", "stripes (4)"]
+    grid = ax.images[0].get_array()
+    assert grid.shape == (3 * 32, 3 * 32, 3)
+    assert (np.asarray(grid)[:32, :32] != 255).any(), "thumbnails are drawn"
+    with pytest.raises(ValueError, match="'per_class'"):
+        plot.plot_class_examples(paths, labels, per_class=0)

@@ -159,3 +159,13 @@ def test_lr_find_leaves_weights_and_log_alone(folder):
     assert all(torch.equal(start[k], v) for k, v in learn.model.state_dict().items())
     log = train.fine_tune(learn, 1, freeze_epochs=0, progress=False)
     assert [e["epoch"] for e in log] == [0, 1]
+
+
+def test_a_batch_larger_than_the_training_set_still_trains(folder, caplog):
+    learn = _learner(folder, batch_size=64, validate_every_epoch=False)  # 18 training images
+    assert "using 18" in caplog.text
+    assert len(learn.dls.train) == 1
+    before = [p.detach().clone() for p in learn.model.classifier.parameters()]
+    train.fine_tune(learn, 0, freeze_epochs=1, progress=False)
+    after = list(learn.model.classifier.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before)), "the head was trained"

@@ -27,7 +27,9 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None  # JSON has no NaN: "not measured" is null
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, Path):

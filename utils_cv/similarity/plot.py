@@ -7,7 +7,7 @@ import numpy as np
 
 from utils_cv.similarity.data import load_image
 
-__all__ = ["plot_neighbors", "plot_rank_distribution", "plot_recall_at_k", "plot_recall_vs_speed", "plot_training_log"]
+__all__ = ["plot_class_examples", "plot_neighbors", "plot_rank_distribution", "plot_recall_at_k", "plot_recall_vs_speed", "plot_training_log"]
 
 
 def _thumb(path, size: int) -> np.ndarray:
@@ -73,6 +73,42 @@ def plot_neighbors(
     ax.set_xlim(-2, len(items) * step + gap)
     ax.set_ylim(thumb_size + 40, -2)
     ax.set_axis_off()
+    return ax
+
+
+def plot_class_examples(paths: Sequence, labels: Sequence[str], per_class: int = 4, ax=None,
+                        thumb_size: int = 96, seed: int = 0):
+    """A grid of example images: one row per class, ``per_class`` images each (a seeded
+    random pick), the class name and its image count at the start of the row.
+
+    Returns:
+        The matplotlib Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if len(paths) != len(labels):
+        raise ValueError(f"'paths' has {len(paths)} items but 'labels' has {len(labels)}: they must be aligned.")
+    if not len(paths):
+        raise ValueError("The 'paths' parameter is empty.")
+    if isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer)) or per_class < 1:
+        raise ValueError(f"The 'per_class' parameter must be a positive integer. Got {per_class!r} instead.")
+    y = np.asarray([str(l) for l in labels])
+    classes = sorted(set(y.tolist()))
+    rng = np.random.default_rng(seed)
+    canvas = np.full((len(classes) * thumb_size, per_class * thumb_size, 3), 255, np.uint8)
+    for r, c in enumerate(classes):
+        members = np.flatnonzero(y == c)
+        pick = np.sort(rng.choice(members, size=min(per_class, len(members)), replace=False))
+        for j, i in enumerate(pick):
+            canvas[r * thumb_size:(r + 1) * thumb_size, j * thumb_size:(j + 1) * thumb_size] = _thumb(paths[i], thumb_size)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(1.1 * per_class + 1.6, 1.1 * len(classes)))
+    ax.imshow(canvas)
+    ax.set_yticks([(r + 0.5) * thumb_size for r in range(len(classes))])
+    ax.set_yticklabels([f"{c} ({(y == c).sum()})" for c in classes])
+    ax.set_xticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     return ax
 
 

@@ -227,6 +227,10 @@ def create_learner(
         batch_tfms=batch_tfms,
     )
     device = None if torch.cuda.is_available() else torch.device("cpu")
+    if batch_size > len(train_idx):  # fastai drops the last incomplete batch: a bigger batch would train nothing
+        logger.warning("batch_size %d is more than the %d training images; using %d.", batch_size, len(train_idx),
+                       len(train_idx))
+        batch_size = len(train_idx)
     with _seeded(seed):
         if head == "normsoftmax":  # class-balanced batches: each image drawn with weight 1 / its class size
             counts = {c: sum(labels[i] == c for i in train_idx) for c in classes}
