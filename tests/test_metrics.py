@@ -108,3 +108,33 @@ def test_positive_ranks_and_recall_at_k():
     assert metrics.recall_at_k([1, 3, 5, 2], 2) == 0.5
     with pytest.raises(ValueError, match="'ranks'"):
         metrics.recall_at_k([], 1)
+
+
+@pytest.mark.parametrize("leave_one_out", [True, False])
+def test_evaluate_distances_matches_evaluate_retrieval(leave_one_out):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(60, 6)).astype(np.float32)
+    y = rng.integers(0, 5, 60)
+    if leave_one_out:
+        expected = metrics.evaluate_retrieval(x, y)
+        got = metrics.evaluate_distances(metrics.pairwise_distances(x, x), y)
+    else:
+        expected = metrics.evaluate_retrieval(x[:20], y[:20], x[20:], y[20:])
+        got = metrics.evaluate_distances(metrics.pairwise_distances(x[:20], x[20:]), y[:20], y[20:])
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert got[k] == pytest.approx(expected[k], abs=1e-9), k
+
+
+def test_evaluate_distances_by_hand_and_errors():
+    # 3 queries, leave-one-out; labels a a b; row 0: 1 (a) at 0.5, 2 (b) at 0.2 -> rank of the positive is 2
+    d = np.array([[0.0, 0.5, 0.2], [0.5, 0.0, 0.1], [0.2, 0.1, 0.0]])
+    r = metrics.evaluate_distances(d, ["a", "a", "b"], ks=(1, 2))
+    assert r["num_queries"] == 2 and r["num_excluded"] == 1  # b has no other b
+    assert r["recall@1"] == 0.0 and r["recall@2"] == 1.0 and r["map@r"] == 0.0 and r["mrr"] == 0.5
+    with pytest.raises(ValueError, match="square"):
+        metrics.evaluate_distances(d[:2], ["a", "a"])
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.evaluate_distances(np.full((2, 2), np.nan), ["a", "a"])
+    with pytest.raises(ValueError, match="'query_labels'"):
+        metrics.evaluate_distances(d, ["a", "a"])

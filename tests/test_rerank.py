@@ -7,8 +7,10 @@ from utils_cv.similarity.rerank import k_reciprocal_rerank
 
 def _direct(q, g, k1, k2, lam):
     """Dense, unblocked: the authors' reference algorithm, step by step on full matrices."""
-    x = np.concatenate([q, g]).astype(np.float64)
+    same = g is None
+    x = (q if same else np.concatenate([q, g])).astype(np.float64)
     n, nq = len(x), len(q)
+    gal = np.arange(n) if same else np.arange(nq, n)
     d = ((x[:, None] - x[None]) ** 2).sum(-1)
     d = d / d.max(1, keepdims=True)
     # nearest first, itself at rank 0, ties by lower index
@@ -28,11 +30,11 @@ def _direct(q, g, k1, k2, lam):
         V[i, exp] = w / w.sum()
     if k2 > 1:
         V = np.stack([V[order[i, :k2]].mean(0) for i in range(n)])
-    out = np.empty((nq, len(g)))
+    out = np.empty((nq, len(gal)))
     for a in range(nq):
-        for b in range(len(g)):
-            mn, mx = np.minimum(V[a], V[nq + b]).sum(), np.maximum(V[a], V[nq + b]).sum()
-            out[a, b] = (1 - lam) * (1 - mn / mx) + lam * d[a, nq + b]
+        for b, j in enumerate(gal):
+            mn, mx = np.minimum(V[a], V[j]).sum(), np.maximum(V[a], V[j]).sum()
+            out[a, b] = (1 - lam) * (1 - mn / mx) + lam * d[a, j]
     return out
 
 
@@ -93,3 +95,11 @@ def test_bad_arguments():
         k_reciprocal_rerank(x[:5, :3], x[5:], k1=4, k2=2)
     with pytest.raises(ValueError, match="NaN"):
         k_reciprocal_rerank(np.full((2, 4), np.nan), x, k1=4, k2=2)
+
+
+def test_leave_one_out_mode_is_the_query_set_against_itself():
+    x = index.clustered_vectors(70, 8, clusters=5, noise=0.4, seed=4)
+    rr = k_reciprocal_rerank(x, k1=8, k2=3)
+    assert rr.shape == (70, 70)
+    np.testing.assert_allclose(np.diag(rr), 0.0, atol=1e-6)  # itself: Jaccard 0, distance 0
+    np.testing.assert_allclose(rr, _direct(x, None, 8, 3, 0.3), atol=2e-5)

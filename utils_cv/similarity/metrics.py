@@ -20,7 +20,7 @@ from utils_cv.similarity.index import _as_matrix, _check_distance, pairwise_dist
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate_retrieval", "pairwise_distances", "positive_ranks", "recall_at_k", "relevant_ranks"]
+__all__ = ["evaluate_distances", "evaluate_retrieval", "pairwise_distances", "positive_ranks", "recall_at_k", "relevant_ranks"]
 
 _BLOCK_BYTES = 128 * 1024 * 1024
 _BYTES_PER_SCORE = 4 + 8 + 4 + 1  # per (query, reference) pair: score, slot, neighbour value, tie flag
@@ -170,12 +170,20 @@ def evaluate_retrieval(
         (full ranking), ``mrr``; ``num_queries`` (evaluated) and ``num_excluded`` (queries
         with no relevant item in the gallery, left out of every metric).
     """
-    ks = list(ks)
-    if not ks or any(not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
-        raise ValueError(f"The 'ks' parameter must be positive integers. Got {ks!r} instead.")
+    ks = _check_ks(ks)
     nq = len(np.asarray(query_labels))
     ranks, kept = relevant_ranks(query, query_labels, reference, reference_labels, distance)
-    excluded = nq - len(kept)
+    return _summarise(ranks, nq - len(kept), nq, ks)
+
+
+def _check_ks(ks) -> list[int]:
+    ks = list(ks)
+    if not ks or any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
+        raise ValueError(f"The 'ks' parameter must be positive integers. Got {ks!r} instead.")
+    return ks
+
+
+def _summarise(ranks: list[np.ndarray], excluded: int, nq: int, ks: list[int]) -> dict[str, float]:
     if excluded:
         logger.warning("%d of %d queries have no relevant item in the gallery and are left out", excluded, nq)
     if not ranks:
@@ -200,6 +208,41 @@ def evaluate_retrieval(
         "num_excluded": excluded,
     })
     return result
+
+
+def evaluate_distances(distances, query_labels, reference_labels=None,
+                       ks: Sequence[int] = (1, 2, 4, 8)) -> dict[str, float]:
+    """The metrics of :func:`evaluate_retrieval` from a precomputed (nq, nr) distance matrix
+    (smaller is closer; ties by lower reference index), e.g. re-ranked distances.
+
+    ``reference_labels=None``: the matrix is square over the queries themselves and the
+    diagonal (each query against itself) is left out, as in leave-one-out.
+    """
+    ks = _check_ks(ks)
+    d = np.asarray(distances)
+    if d.ndim != 2 or not np.issubdtype(d.dtype, np.number):
+        raise ValueError(f"The 'distances' parameter must be a 2-D numeric (nq, nr) array. Got shape {d.shape}.")
+    if np.isnan(d).any():
+        raise ValueError("The 'distances' parameter contains NaN values.")
+    y_q = _labels(query_labels, d.shape[0], "query_labels")
+    loo = reference_labels is None
+    if loo and d.shape[0] != d.shape[1]:
+        raise ValueError(f"Without 'reference_labels' the distances must be square (leave-one-out); got {d.shape}.")
+    y_r = y_q if loo else _labels(reference_labels, d.shape[1], "reference_labels")
+    ranks = []
+    for i in range(len(d)):
+        row = d[i].astype(np.float64, copy=True)
+        relevant = y_r == y_q[i]
+        if loo:
+            row[i] = np.inf
+            relevant[i] = False
+        if not relevant.any():
+            continue
+        order = np.argsort(row, kind="stable")
+        if loo:  # itself, at +inf, goes to the very end (after any other +inf): drop it
+            order = order[order != i]
+        ranks.append(np.flatnonzero(relevant[order]).astype(np.int64) + 1)
+    return _summarise(ranks, len(d) - len(ranks), len(d), ks)
 
 
 def positive_ranks(features, sets, distance: str = "l2") -> np.ndarray:

@@ -71,11 +71,14 @@ def _row_max_sq(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def k_reciprocal_rerank(query, gallery, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> np.ndarray:
+def k_reciprocal_rerank(query, gallery=None, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> np.ndarray:
     """Re-ranked distances between ``query`` (nq, d) and ``gallery`` (ng, d) features.
 
     Args:
         query, gallery: features, e.g. from ``features.extract_features`` (L2-normalised or not).
+            ``gallery=None``: the queries are their own gallery (leave-one-out evaluation);
+            the result is (nq, nq) and its diagonal is each image against itself
+            (``metrics.evaluate_distances(D, labels)`` leaves it out).
         k1: neighbourhood size of the k-reciprocal sets (20 in the paper).
         k2: neighbours averaged in the local query expansion (6; 1 turns it off).
         lambda_value: weight of the original distance (0.3); 1 gives back the original
@@ -85,12 +88,13 @@ def k_reciprocal_rerank(query, gallery, k1: int = 20, k2: int = 6, lambda_value:
         (nq, ng) float32 distances, smaller is closer (rank with ``np.argsort(.., axis=1)``).
     """
     q = index_mod._as_matrix(query, "query")
-    g = index_mod._as_matrix(gallery, "gallery")
+    same = gallery is None
+    g = q if same else index_mod._as_matrix(gallery, "gallery")
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"'query' has dimension {q.shape[1]} but 'gallery' has {g.shape[1]}: they must match.")
     if len(q) == 0 or len(g) == 0:
         raise ValueError("'query' and 'gallery' must each hold at least one row.")
-    x = np.concatenate([q, g])
+    x = q if same else np.concatenate([q, g])
     n, nq = len(x), len(q)
     _check(k1, k2, lambda_value, n)
     from scipy import sparse
@@ -119,7 +123,7 @@ def k_reciprocal_rerank(query, gallery, k1: int = 20, k2: int = 6, lambda_value:
                               shape=(n, n))
         V = (Q @ V).tocsr()
     Vc = V.tocsc()
-    gal = np.arange(nq, n)
+    gal = np.arange(n) if same else np.arange(nq, n)
     out = np.empty((nq, len(g)), np.float32)
     sq_g = (g * g).sum(1)
     for i in range(nq):
