@@ -20,11 +20,8 @@ import time
 import numpy as np
 
 from utils_cv.similarity import data, features, metrics, model, train
+from utils_cv.similarity.experiment import RECIPES  # the recipes measured on the default data set
 
-RECIPES = {  # measured on the default data set (README, "Quality")
-    "softmax": dict(image_size=160, freeze_epochs=2, epochs=8, freeze_lr=1e-2, lr=2e-3, lr_mult=5),
-    "normsoftmax": dict(image_size=160, freeze_epochs=3, epochs=8, freeze_lr=1e-2, lr=2e-3, lr_mult=10),
-}
 KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 
 

@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+
+from conftest import draw_image_folder
+from utils_cv.similarity import data, experiment
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    paths, labels = data.list_images(draw_image_folder(tmp_path_factory.mktemp("exp") / "images", per_class=8))
+    tr, te = data.split_by_image(paths, labels, test_size=0.25, seed=0)
+    return [paths[i] for i in tr], [labels[i] for i in tr], [paths[i] for i in te], [labels[i] for i in te]
+
+
+TINY = dict(image_size=48, epochs=1, freeze_epochs=0, batch_size=8)
+
+
+def test_run_trains_and_evaluates_one_recipe_with_reranking(split):
+    r = experiment.run(*split, head="softmax", rerank={"k1": 3, "k2": 2}, **TINY)
+    assert r["model"] == "softmax" and r["image_size"] == 48 and r["epochs"] == 1 and r["lr"] == 2e-3
+    for k in experiment.METRIC_KEYS:
+        assert 0 <= r[k] <= 1 and 0 <= r[f"rerank {k}"] <= 1
+    assert r["num_queries"] == 6 and r["train_seconds"] > 0 and r["seconds"] >= r["train_seconds"]
+    assert isinstance(r["log"], list)
+
+
+def test_sweep_varies_one_factor_at_a_time(split):
+    rows = experiment.sweep(*split, grid={"image_size": [48, 32], "head": ["softmax", "normsoftmax"]}, base=TINY)
+    assert [r["model"] for r in rows] == ["base", "image_size=32", "head=normsoftmax"]
+    assert [r["varied"] for r in rows] == ["base", "image_size", "head"]
+    assert rows[1]["image_size"] == 32 and rows[1]["head"] == "softmax"
+    assert rows[2]["head"] == "normsoftmax" and rows[2]["image_size"] == 48 and rows[2]["embedding_dim"] == 512
+    frame = experiment.table(rows, extra=["train_seconds"])
+    assert list(frame.index) == ["base", "image_size=32", "head=normsoftmax"]
+    assert list(frame.columns) == list(experiment.METRIC_KEYS) + ["train_seconds"]
+    assert np.isfinite(frame.values.astype(float)).all()
+
+
+def test_baseline_and_bad_recipes(split):
+    base = experiment.imagenet_baseline(split[2], split[3])
+    assert base["model"] == "ImageNet efficientnet_lite0" and 0 <= base["map@r"] <= 1
+    with pytest.raises(ValueError, match="Unknown recipe"):
+        experiment.run(*split, lr_schedule="cosine")
+    with pytest.raises(ValueError, match="embedding_dim"):
+        experiment.run(*split, embedding_dim=64)
+    with pytest.raises(ValueError, match="'head'"):
+        experiment.run(*split, head="arcface")
+    with pytest.raises(ValueError, match="'grid'"):
+        experiment.sweep(*split, grid={})

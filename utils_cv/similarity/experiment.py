@@ -1,0 +1,155 @@
+"""Train-and-evaluate runs, comparisons and sweeps: the loops behind notebooks 02 and 11
+and ``benchmarks/bench_training_quality.py``, so that none of them lives in a notebook.
+
+A *run* is one recipe (backbone, head, image size, epochs, learning rates) trained on one
+set of images and evaluated by retrieval on another; it returns a flat dict of the recipe,
+the metrics of ``metrics.evaluate_retrieval`` and the wall-clock seconds.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Sequence
+
+import numpy as np
+
+from utils_cv.similarity import features as features_mod
+from utils_cv.similarity import metrics
+from utils_cv.similarity import model as model_mod
+from utils_cv.similarity import rerank as rerank_mod
+from utils_cv.similarity import train
+
+__all__ = ["RECIPES", "evaluate", "imagenet_baseline", "run", "sweep", "table"]
+
+log = logging.getLogger(__name__)
+
+# measured on the default data set (README, "Quality"); each key is a create_learner or
+# fine_tune argument
+RECIPES = {
+    "softmax": dict(backbone="efficientnet_lite0", image_size=160, freeze_epochs=2, epochs=8, freeze_lr=1e-2,
+                    lr=2e-3, lr_mult=5, embedding_dim=None),
+    "normsoftmax": dict(backbone="efficientnet_lite0", image_size=160, freeze_epochs=3, epochs=8, freeze_lr=1e-2,
+                        lr=2e-3, lr_mult=10, embedding_dim=512),
+}
+_LEARNER_ARGS = {"backbone", "image_size", "embedding_dim", "batch_size", "temperature", "augment", "freeze_bn"}
+_FIT_ARGS = {"epochs", "freeze_epochs", "freeze_lr", "lr", "lr_mult"}
+METRIC_KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
+
+
+def evaluate(net, transform, paths: Sequence, labels: Sequence[str], rerank: bool | dict = False,
+             batch_size: int = 64) -> dict:
+    """Leave-one-out retrieval metrics of ``net``'s features over ``paths``.
+
+    Args:
+        rerank: also evaluate k-reciprocal re-ranked distances (``True`` for the paper's
+            k1=20, k2=6, lambda 0.3, or a dict of those arguments); their metrics get the
+            prefix ``"rerank "``.
+    """
+    feats = features_mod.extract_features(net, paths, transform, batch_size=batch_size, progress=False)
+    result = metrics.evaluate_retrieval(feats, labels)
+    if rerank:
+        params = {} if rerank is True else dict(rerank)
+        k1 = min(params.pop("k1", 20), len(feats) - 1)
+        k2 = min(params.pop("k2", 6), k1 + 1)
+        distances = rerank_mod.k_reciprocal_rerank(feats, None, k1=k1, k2=k2, **params)
+        result.update({f"rerank {k}": v for k, v in metrics.evaluate_distances(distances, labels).items()})
+    return result
+
+
+def imagenet_baseline(paths: Sequence, labels: Sequence[str], backbone: str = "efficientnet_lite0",
+                      rerank: bool | dict = False) -> dict:
+    """The backbone's ImageNet features (no training, its own preprocessing) evaluated as
+    :func:`evaluate` does; the row every trained model is compared with."""
+    start = time.perf_counter()
+    net, transform = model_mod.create_backbone(backbone)
+    result = {"model": f"ImageNet {backbone}", "backbone": backbone, "head": None,
+              **evaluate(net, transform, paths, labels, rerank)}
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence, test_labels: Sequence[str],
+        head: str = "softmax", seed: int = 0, valid: float | tuple = 0.2, rerank: bool | dict = False,
+        name: str | None = None, **recipe) -> dict:
+    """Fine-tune one recipe and evaluate it on the test images.
+
+    Args:
+        head: ``"softmax"`` or ``"normsoftmax"``; its entry of :data:`RECIPES` gives the
+            defaults, ``recipe`` overrides them (``backbone``, ``image_size``, ``epochs``,
+            ``freeze_epochs``, ``lr``, ``freeze_lr``, ``lr_mult``, ``embedding_dim``,
+            ``batch_size``...).
+        valid: ``create_learner``'s per-epoch retrieval validation (a share of the training
+            images, or held-out ``(paths, labels)``).
+        name: the row's name (default: the head).
+
+    Returns:
+        The recipe, the test metrics, ``train_seconds`` and ``seconds`` (training and
+        evaluation), ``best_epoch`` and the training ``log``.
+    """
+    if head not in RECIPES:
+        raise ValueError(f"The 'head' parameter must be one of {set(RECIPES)}. Got {head!r} instead.")
+    unknown = set(recipe) - _LEARNER_ARGS - _FIT_ARGS
+    if unknown:
+        raise ValueError(f"Unknown recipe parameters {sorted(unknown)}; known: {sorted(_LEARNER_ARGS | _FIT_ARGS)}.")
+    if head == "softmax" and recipe.get("embedding_dim") is not None:
+        raise ValueError("'embedding_dim' applies to head='normsoftmax'; the softmax embedding is the backbone's width.")
+    config = {**RECIPES[head], **recipe}
+    start = time.perf_counter()
+    learner = train.create_learner(train_paths, train_labels, head=head, seed=seed, valid=valid,
+                                   **{k: v for k, v in config.items() if k in _LEARNER_ARGS})
+    fit = {k: v for k, v in config.items() if k in _FIT_ARGS}
+    log_ = train.fine_tune(learner, fit.pop("epochs"), progress=False, **fit)
+    train_seconds = time.perf_counter() - start
+    net, transform = train.embedding_model(learner)
+    result = {"model": name or head, "head": head, "seed": seed, **config,
+              **evaluate(net, transform, test_paths, test_labels, rerank),
+              "train_seconds": train_seconds, "seconds": time.perf_counter() - start, "log": log_}
+    scored = [e for e in log_ if "map@r" in e]
+    result["best_epoch"] = max(scored, key=lambda e: e["map@r"])["epoch"] if scored else None
+    log.info("%s: %s (%.0f s)", result["model"], ", ".join(f"{k} {result[k]:.3f}" for k in METRIC_KEYS),
+             result["seconds"])
+    return result
+
+
+def sweep(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence, test_labels: Sequence[str],
+          grid: dict[str, Sequence], base: dict | None = None, head: str = "softmax", seed: int = 0,
+          valid: float | tuple = 0.2) -> list[dict]:
+    """One factor at a time: the base recipe once, then each value of each parameter of
+    ``grid`` with every other parameter at its base value (values equal to the base are not
+    run twice). Each row gets ``"varied"`` (the parameter changed, or ``"base"``).
+
+    ``grid`` may include ``"head"`` (e.g. ``["softmax", "normsoftmax"]``).
+    """
+    if not grid:
+        raise ValueError("The 'grid' parameter is empty: give {parameter: [values]}.")
+    base = dict(base or {})
+    base_head = base.pop("head", head)
+    reference = {**RECIPES[base_head], **base}
+    rows = [{**run(train_paths, train_labels, test_paths, test_labels, head=base_head, seed=seed, valid=valid,
+                   name="base", **base), "varied": "base"}]
+    for param, values in grid.items():
+        for value in values:
+            if param == "head":
+                if value == base_head:
+                    continue
+                recipe = {k: v for k, v in base.items() if k != "embedding_dim" or value == "normsoftmax"}
+                row = run(train_paths, train_labels, test_paths, test_labels, head=value, seed=seed, valid=valid,
+                          name=f"head={value}", **recipe)
+            else:
+                if reference.get(param) == value:
+                    continue
+                h = "normsoftmax" if param == "embedding_dim" and base_head == "softmax" else base_head
+                row = run(train_paths, train_labels, test_paths, test_labels, head=h, seed=seed, valid=valid,
+                          name=f"{param}={value}", **{**base, param: value})
+            rows.append({**row, "varied": param})
+    return rows
+
+
+def table(rows: Sequence[dict], keys: Sequence[str] = METRIC_KEYS, extra: Sequence[str] = ()):
+    """A pandas DataFrame of ``rows`` indexed by model name: the metric ``keys`` (and their
+    ``rerank`` versions when present) then ``extra`` columns."""
+    import pandas as pd
+
+    cols = list(keys) + [f"rerank {k}" for k in keys if any(f"rerank {k}" in r for r in rows)] + list(extra)
+    frame = pd.DataFrame([{c: r.get(c, np.nan) for c in cols} for r in rows], index=[r["model"] for r in rows])
+    return frame
