@@ -52,3 +52,24 @@ def test_comparative_sets_clear_errors():
         data.comparative_sets(["a", "a", "b"], num_negatives=1)
     with pytest.raises(ValueError, match="fewer than num_negatives"):
         data.comparative_sets(LABELS, num_negatives=99)
+
+
+def test_split_by_class_by_name_takes_the_last_classes_as_test():
+    labels = ["003.c"] * 2 + ["001.a"] * 3 + ["002.b"] * 2 + ["004.d"] * 2
+    paths = [f"{i}.jpg" for i in range(len(labels))]
+    tr, te = data.split_by_class(paths, labels, test_classes=0.5, by_name=True, seed=123)
+    assert sorted({labels[i] for i in te}) == ["003.c", "004.d"]
+    assert sorted({labels[i] for i in tr}) == ["001.a", "002.b"]
+
+
+def test_disjoint_split_has_no_class_in_common():
+    from utils_cv.similarity import experiment
+
+    labels = [f"{c:03d}" for c in range(10) for _ in range(3)]
+    paths = [f"{i}.jpg" for i in range(len(labels))]
+    s = experiment.disjoint_split(paths, labels, test_classes=0.5, valid_classes=0.2, seed=0)
+    classes = {k: set(v[1]) for k, v in s.items()}
+    assert classes["test"] == {f"{c:03d}" for c in range(5, 10)}
+    assert len(classes["valid"]) == 1 and len(classes["train"]) == 4
+    assert not (classes["train"] & classes["valid"]) and not (classes["train"] | classes["valid"]) & classes["test"]
+    assert sum(len(v[0]) for v in s.values()) == 30

@@ -191,12 +191,17 @@ def split_by_image(paths, labels, test_size: float = 0.2, seed: int = 0) -> tupl
     return np.array(sorted(train), dtype=np.int64), np.array(sorted(test), dtype=np.int64)
 
 
-def split_by_class(paths, labels, test_classes: float | int | Sequence = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def split_by_class(paths, labels, test_classes: float | int | Sequence = 0.5, seed: int = 0,
+                   by_name: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Split by class (the metric-learning protocol): train and test share no class.
 
     Args:
         test_classes: share of classes for test (float in (0, 1)), their number (int), or
             the test class names themselves.
+        seed: picks the test classes at random (when given as a share or a number).
+        by_name: instead of a random pick, the last classes in name order are the test
+            classes: the convention of CUB-200-2011, Cars-196 and Stanford Online Products,
+            whose folders are numbered by class id (the first 100 of CUB's 200 train).
 
     Returns:
         Sorted int64 index arrays ``(train_idx, test_idx)``.
@@ -220,7 +225,8 @@ def split_by_class(paths, labels, test_classes: float | int | Sequence = 0.5, se
         else:
             n = int(test_classes)
         n = min(max(n, 1), len(classes) - 1)
-        chosen = set(np.random.default_rng(seed).permutation(classes)[:n].tolist())
+        order = np.sort(classes)[::-1] if by_name else np.random.default_rng(seed).permutation(classes)
+        chosen = set(order[:n].tolist())
     is_test = np.isin(y, list(chosen))
     if is_test.all() or not is_test.any():
         raise ValueError("split_by_class would leave train or test empty; choose fewer test classes.")

@@ -19,7 +19,7 @@ from utils_cv.similarity import model as model_mod
 from utils_cv.similarity import rerank as rerank_mod
 from utils_cv.similarity import train
 
-__all__ = ["RECIPES", "evaluate", "imagenet_baseline", "run", "sweep", "table"]
+__all__ = ["RECIPES", "disjoint_split", "evaluate", "imagenet_baseline", "run", "sweep", "table"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,26 @@ RECIPES = {
 _LEARNER_ARGS = {"backbone", "image_size", "embedding_dim", "batch_size", "temperature", "augment", "freeze_bn"}
 _FIT_ARGS = {"epochs", "freeze_epochs", "freeze_lr", "lr", "lr_mult"}
 METRIC_KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
+
+
+def disjoint_split(paths: Sequence, labels: Sequence[str], test_classes: float = 0.5, valid_classes: float = 0.2,
+                   seed: int = 0, by_name: bool = True) -> dict[str, tuple[list, list]]:
+    """The disjoint-class protocol: ``train``, ``valid`` and ``test`` (paths, labels) with no
+    class in common.
+
+    The test classes are the last ``test_classes`` share by name (``by_name``, the convention
+    of CUB-200 / Cars-196 / SOP) or a seeded random pick; ``valid_classes`` of the remaining
+    classes (seeded) are held out of training to pick the best epoch by retrieval.
+    """
+    from utils_cv.similarity import data as data_mod
+
+    paths, labels = list(paths), [str(l) for l in labels]
+    tr, te = data_mod.split_by_class(paths, labels, test_classes=test_classes, seed=seed, by_name=by_name)
+    p_tr, l_tr = [paths[i] for i in tr], [labels[i] for i in tr]
+    fit, val = data_mod.split_by_class(p_tr, l_tr, test_classes=valid_classes, seed=seed)
+    pick = lambda idx, xs: [xs[i] for i in idx]  # noqa: E731
+    return {"train": (pick(fit, p_tr), pick(fit, l_tr)), "valid": (pick(val, p_tr), pick(val, l_tr)),
+            "test": (pick(te, paths), pick(te, labels))}
 
 
 def evaluate(net, transform, paths: Sequence, labels: Sequence[str], rerank: bool | dict = False,
