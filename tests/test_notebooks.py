@@ -100,3 +100,17 @@ def test_01_training_and_evaluation_introduction(tmp_path):
     # drawn shapes are easy: ImageNet features already rank a same-class image first most of the time
     assert r["recall_at_1_before"] >= 0.5
     assert (tmp_path / "model.pth").is_file() and (tmp_path / "model.pth.json").is_file()
+
+
+def test_02_state_of_the_art(tmp_path):
+    from conftest import draw_image_folder as draw
+
+    same = draw(tmp_path / "same", per_class=8)
+    disjoint = draw(tmp_path / "disjoint", classes=("a_circles", "b_squares", "c_stripes", "d_circles2",
+                                                    "e_squares2", "f_stripes2"), per_class=5, seed=1)
+    r = run("02_state_of_the_art", tmp_path, DATA_PATH=str(same), DISJOINT_PATH=str(disjoint), EPOCHS=1,
+            IMAGE_SIZE=48, RERANK_K1=3, RERANK_K2=2)
+    assert r["disjoint_ran"] is True
+    for key, value in r.items():
+        if key != "disjoint_ran":
+            assert 0 <= value <= 1, (key, value)
