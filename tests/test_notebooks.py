@@ -114,3 +114,12 @@ def test_02_state_of_the_art(tmp_path):
     for key, value in r.items():
         if key != "disjoint_ran":
             assert 0 <= value <= 1, (key, value)
+
+
+def test_11_exploring_hyperparameters(tmp_path):
+    folder = draw_image_folder(tmp_path / "images", per_class=8)
+    r = run("11_exploring_hyperparameters", tmp_path, DATA_PATH=str(folder), LEARNING_RATES=[5e-3], IMAGE_SIZES=[32],
+            EPOCHS=[], BACKBONES=[], EMBEDDING_DIMS=[], BASE={"epochs": 1, "freeze_epochs": 0, "image_size": 48})
+    assert r["num_runs"] == 3 and r["runs"] == ["base", "lr=0.005", "image_size=32"]
+    assert 0 <= r["base_map_at_r"] <= r["best_map_at_r"] <= 1
+    assert r["best_run"] in r["runs"] and r["total_train_seconds"] > 0
