@@ -24,6 +24,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "ComparativeSet",
     "ImageScan",
+    "decodable",
     "comparative_sets",
     "default_dataset",
     "list_images",
@@ -47,14 +48,18 @@ class ImageScan:
         return sorted(set(self.labels))
 
 
-def _check_header(path: Path) -> str | None:
-    """None when ``path`` opens as a supported image, else the reason it does not."""
+def _check_header(path: Path, decode: bool = False) -> str | None:
+    """None when ``path`` opens as a supported image, else the reason it does not.
+
+    ``decode``: also decode the pixels (catches truncated files whose header is intact)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 fmt = im.format
                 w, h = im.size
+                if decode and fmt in _PIL_FORMATS:
+                    im.load()
     except Image.DecompressionBombError as exc:
         return f"too large to decode safely ({exc})"
     except Image.DecompressionBombWarning as exc:
@@ -70,12 +75,14 @@ def _check_header(path: Path) -> str | None:
     return None
 
 
-def scan_images(root: str | os.PathLike, check: bool = True) -> ImageScan:
+def scan_images(root: str | os.PathLike, check: bool = True, decode: bool = False) -> ImageScan:
     """List the images under ``root`` with their labels, recording what was skipped and why.
 
     Args:
         root: folder with one sub-folder per class.
         check: open each file's header and skip those that are not readable images.
+        decode: also decode every image (slower; catches truncated files whose header is
+            intact, which the header check lets through).
 
     Raises:
         FileNotFoundError: ``root`` does not exist or is not a folder.
@@ -100,7 +107,7 @@ def scan_images(root: str | os.PathLike, check: bool = True) -> ImageScan:
             if not rel.parts:
                 skipped.append((path, "lies directly in the root folder; put it in a sub-folder named after its class"))
                 continue
-            reason = _check_header(path) if check else None
+            reason = _check_header(path, decode) if (check or decode) else None
             if reason:
                 skipped.append((path, reason))
                 continue
@@ -276,3 +283,24 @@ def comparative_sets(labels, num_negatives: int = 99, seed: int = 0) -> list[Com
         negatives = rng.choice(others[c], size=num_negatives, replace=False)
         sets.append(ComparativeSet(i, positive, negatives.astype(np.int64)))
     return sets
+
+
+def decodable(paths: Sequence, labels: Sequence | None = None):
+    """Keep the images that decode fully; log and return the others.
+
+    Returns:
+        ``(paths, labels, skipped)``: the usable paths (and their labels, None when not
+        given) and ``[(path, reason)]`` for each file left out.
+    """
+    kept, kept_labels, skipped = [], [], []
+    labels = list(labels) if labels is not None else None
+    for i, p in enumerate(paths):
+        reason = _check_header(Path(p), decode=True)
+        if reason:
+            logger.warning("skipped %s: %s", p, reason)
+            skipped.append((Path(p), reason))
+            continue
+        kept.append(p)
+        if labels is not None:
+            kept_labels.append(labels[i])
+    return kept, (kept_labels if labels is not None else None), skipped

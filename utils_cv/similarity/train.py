@@ -193,15 +193,25 @@ def create_learner(
             training from random weights.
 
     Returns:
-        A fastai ``Learner``; ``learner.embedding_transform`` is the eval preprocessing.
+        A fastai ``Learner``; ``learner.embedding_transform`` is the eval preprocessing and
+        ``learner.skipped`` lists ``(path, reason)`` for images left out because they do not
+        decode (each is logged).
     """
     fv = _fastai()
     if len(paths) != len(labels):
         raise ValueError(f"'paths' has {len(paths)} items but 'labels' has {len(labels)}: they must be aligned.")
     if head not in HEADS:
         raise ValueError(f"The 'head' parameter must be one of {set(HEADS)}. Got {head!r} instead.")
-    paths = [Path(p) for p in paths]
-    labels = [str(label) for label in labels]
+    # decode every image once: a truncated file would otherwise stop training mid-epoch
+    paths, labels, skipped = data_mod.decodable([Path(p) for p in paths], [str(label) for label in labels])
+    if isinstance(valid, tuple) and len(valid) == 2:
+        v_paths, v_labels, v_skipped = data_mod.decodable([Path(p) for p in valid[0]], list(valid[1]))
+        valid, skipped = (v_paths, v_labels), skipped + v_skipped
+    if skipped:
+        logger.warning("%d image(s) left out of training because they do not decode (learner.skipped lists them)",
+                       len(skipped))
+    if not paths:
+        raise ValueError("None of the training images decodes; see the log for the reason of each.")
     train_idx, valid_idx, retrieval = _split_valid(paths, labels, valid, seed)
     classes = sorted({labels[i] for i in train_idx})
     with _seeded(seed):  # random weights (pretrained=False) and the head's initialisation
@@ -252,6 +262,7 @@ def create_learner(
         learner.model = learner.model.to(memory_format=torch.channels_last)
     learner.logger = lambda row: logger.info("epoch log: %s", row)  # library code logs, it does not print
     learner.embedding_transform = transform
+    learner.skipped = skipped
     learner.similarity_config = {
         "backbone": backbone, "head": head, "embedding_dim": net.embedding_dim, "image_size": image_size,
         "classes": classes, "temperature": temperature, "preprocessing": cfg, "seed": seed, "freeze_bn": freeze_bn,
