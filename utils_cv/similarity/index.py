@@ -55,6 +55,8 @@ def _block_distances(qb: np.ndarray, r: np.ndarray, r_sq: np.ndarray | None, dis
 def pairwise_distances(query, reference, distance: str = "l2") -> np.ndarray:
     """Full (nq, nr) float32 distance matrix (for small sets; use :func:`knn` for large ones)."""
     q, r = _prepare(query, reference, distance)
+    if len(q) == 0:
+        raise ValueError("The 'query' parameter is empty: give at least one row.")
     return _block_distances(q, r, _sq_norms(r) if distance == "l2" else None, distance)
 
 
@@ -132,6 +134,8 @@ def knn(
     """
     q, r = _prepare(query, reference, distance)
     nq, nr = len(q), len(r)
+    if nq == 0:
+        raise ValueError("The 'query' parameter is empty: give at least one row.")
     if exclude_self and nq != nr:
         raise ValueError(f"exclude_self=True needs query and reference to be the same rows; got {nq} and {nr} rows.")
     available = nr - 1 if exclude_self else nr
@@ -383,6 +387,8 @@ class SimilarityIndex:
             the ids given at build time.
         """
         q = _as_matrix(query, "query")
+        if len(q) == 0:
+            raise ValueError("The 'query' parameter is empty: give at least one row.")
         if q.shape[1] != self.dim:
             raise ValueError(f"'query' has dimension {q.shape[1]} but the index holds dimension {self.dim} "
                              f"(features of {self.metadata.get('backbone', 'another model')!r}?).")
