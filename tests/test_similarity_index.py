@@ -257,3 +257,43 @@ def test_clustered_vectors_and_the_recall_speed_sweep(data):
         index.sweep_search_params(hnsw, q, [{}])
     with pytest.raises(ValueError, match="'n'"):
         index.clustered_vectors(0, 4)
+
+
+def test_a_pickle_inside_an_index_is_refused_and_never_run(data, tmp_path):
+    """An index folder whose features.npy holds a pickled object (checksums made to match):
+    loading refuses it without executing the pickle."""
+    import hashlib
+
+    x, _, ids = data
+    path = SimilarityIndex.build(x[:50], ids[:50]).save(tmp_path / "idx")
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    arr = np.empty(1, dtype=object)
+    arr[0] = Exploit()
+    np.save(path / "features.npy", arr, allow_pickle=True)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["sha256"]["features.npy"] = hashlib.sha256((path / "features.npy").read_bytes()).hexdigest()
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="features.npy"):
+        SimilarityIndex.load(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m.update(backend="annoy"), "backend 'annoy'"),
+    (lambda m: m.update(dim="512"), "dim '512'"),
+    (lambda m: m["sha256"].update({"../../etc/passwd": "0" * 64}), "sha256 table"),
+    (lambda m: m.update(distance="manhattan"), "distance"),
+])
+def test_invalid_manifests_are_refused(data, tmp_path, edit, match):
+    x, _, ids = data
+    path = SimilarityIndex.build(x[:50], ids[:50]).save(tmp_path / "idx")
+    manifest = json.loads((path / "manifest.json").read_text())
+    edit(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=match):
+        SimilarityIndex.load(path)

@@ -169,3 +169,48 @@ def test_a_batch_larger_than_the_training_set_still_trains(folder, caplog):
     train.fine_tune(learn, 0, freeze_epochs=1, progress=False)
     after = list(learn.model.classifier.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before)), "the head was trained"
+
+
+SAVE_CHILD = """
+import sys
+from conftest import draw_image_folder
+from pathlib import Path
+from utils_cv.similarity import data, train
+root = draw_image_folder(Path(sys.argv[2]), per_class=4)
+paths, labels = data.list_images(root)
+learn = train.create_learner(paths, labels, backbone="resnet50", pretrained=False, image_size=32, valid=0.25,
+                             validate_every_epoch=False)
+while True:
+    train.save(learn, sys.argv[1])
+    print("saved", flush=True)
+"""
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.9])
+def test_killing_a_process_mid_save_leaves_a_loadable_model(folder, tmp_path, fraction):
+    """SIGKILL while a ~95 MB model file is being written: the file on disk still loads."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    target = tmp_path / "model.pth"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    child = subprocess.Popen([sys.executable, "-c", SAVE_CHILD, str(target), str(tmp_path / "imgs")],
+                             stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        stamps = []
+        for _ in range(3):
+            assert child.stdout.readline().strip() == "saved"
+            stamps.append(time.perf_counter())
+        time.sleep(fraction * (stamps[-1] - stamps[0]) / 2)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        child.kill()
+    module, _ = train.load(target)
+    assert module.metadata["backbone"] == "resnet50"
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".model.pth")]
+    assert all(p.endswith(".tmp") for p in leftovers), leftovers  # at most the killed write's temp file

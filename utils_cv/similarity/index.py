@@ -540,8 +540,24 @@ class SimilarityIndex:
             manifest = json.loads((path / "manifest.json").read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{str(path)!r}: manifest.json is not valid JSON ({exc}).") from exc
-        if manifest.get("format") != _FORMAT:
-            raise ValueError(f"{str(path)!r} is not a utils_cv index (format {manifest.get('format')!r}).")
+        if not isinstance(manifest, dict) or manifest.get("format") != _FORMAT:
+            raise ValueError(f"{str(path)!r} is not a utils_cv index (format "
+                             f"{manifest.get('format') if isinstance(manifest, dict) else None!r}).")
+        problems = []
+        if manifest.get("backend") not in BACKENDS:
+            problems.append(f"backend {manifest.get('backend')!r} is not one of {list(BACKENDS)}")
+        if manifest.get("distance") not in DISTANCES:
+            problems.append(f"distance {manifest.get('distance')!r} is not one of {list(DISTANCES)}")
+        if isinstance(manifest.get("dim"), bool) or not isinstance(manifest.get("dim"), int) or manifest["dim"] < 1:
+            problems.append(f"dim {manifest.get('dim')!r} is not a positive integer")
+        if not isinstance(manifest.get("params"), dict) or not isinstance(manifest.get("metadata", {}), dict):
+            problems.append("params / metadata are not objects")
+        if not isinstance(manifest.get("sha256"), dict) or not set(manifest["sha256"]) <= {
+                "ids.json", "features.npy", "index.faiss"} or "ids.json" not in manifest["sha256"]:
+            problems.append("the sha256 table does not list the index files")
+        if problems:
+            raise ValueError(f"{str(path / 'manifest.json')!r} is not a valid index manifest: {'; '.join(problems)}.")
+        manifest.setdefault("metadata", {})
         for name, digest in manifest["sha256"].items():
             f = path / name
             if not f.is_file() or hashlib.sha256(f.read_bytes()).hexdigest() != digest:
@@ -551,17 +567,33 @@ class SimilarityIndex:
                              f"not {backbone!r}: queries from another model are not comparable.")
         index = cls(manifest["backend"], manifest["distance"], int(manifest["dim"]), manifest["params"],
                     manifest["metadata"])
-        stored = json.loads((path / "ids.json").read_text())
-        index._ids = [_decode_id(i) for i in stored["ids"]]
-        index._removed = set(stored["removed"])
+        try:
+            stored = json.loads((path / "ids.json").read_text())
+            index._ids = [_decode_id(i) for i in stored["ids"]]
+            index._removed = {int(r) for r in stored["removed"]}
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{str(path / 'ids.json')!r} is not a valid id list ({exc}).") from exc
         index._row_of = {i: r for r, i in enumerate(index._ids) if r not in index._removed}
         if index.backend == "exact":
-            index._features = np.load(path / "features.npy", allow_pickle=False)
+            try:  # allow_pickle=False: a pickled object array is refused, never executed
+                feats = np.load(path / "features.npy", allow_pickle=False)
+            except ValueError as exc:
+                raise ValueError(f"{str(path / 'features.npy')!r} is not a plain float array ({exc}).") from exc
+            if feats.dtype != np.float32 or feats.shape != (len(index._ids), index.dim):
+                raise ValueError(f"{str(path / 'features.npy')!r} holds {feats.dtype} {feats.shape}; the manifest "
+                                 f"announces float32 ({len(index._ids)}, {index.dim}).")
+            index._features = feats
         else:
             faiss = _faiss()
             if faiss is None:
                 raise ImportError("This index needs faiss to load: pip install faiss-cpu.")
-            index._faiss = faiss.read_index(str(path / "index.faiss"))
+            try:
+                index._faiss = faiss.read_index(str(path / "index.faiss"))
+            except RuntimeError as exc:
+                raise ValueError(f"{str(path / 'index.faiss')!r} is not a readable faiss index ({exc}).") from exc
+            if index._faiss.d != index.dim or index._faiss.ntotal != len(index._ids):
+                raise ValueError(f"{str(path / 'index.faiss')!r} holds {index._faiss.ntotal} vectors of dimension "
+                                 f"{index._faiss.d}; the manifest announces {len(index._ids)} of {index.dim}.")
             index._apply_search_params()
         return index
 
