@@ -52,17 +52,18 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--d", type=int, default=512)
     parser.add_argument("--queries", type=int, default=10_000)
-    parser.add_argument("--backends", nargs="+", default=["exact", "ivfpq", "hnsw"])
+    parser.add_argument("--backends", nargs="+", default=["exact", "ivfsq", "ivfpq", "hnsw"])
     parser.add_argument("--build-params", default="{}",
                         help='JSON per backend, e.g. \'{"hnsw": {"efConstruction": 100}}\'')
     parser.add_argument("--sweep", action="store_true",
                         help="also search with other query-time settings (efSearch, nprobe, k_factor)")
     args = parser.parse_args()
     build_params = json.loads(args.build_params)
-    sweeps = {"exact": [{}], "hnsw": [{}], "ivfpq": [{}]}
+    sweeps = {"exact": [{}], "hnsw": [{}], "ivfpq": [{}], "ivfsq": [{}]}
     if args.sweep:
         sweeps["hnsw"] = [{"efSearch": e} for e in (16, 32, 64, 128, 256)]
-        sweeps["ivfpq"] = [{"nprobe": p, "k_factor": f} for p, f in ((4, 4), (8, 4), (8, 8), (16, 8), (32, 8), (64, 16))]
+        sweeps["ivfsq"] = [{"nprobe": p} for p in (2, 4, 8, 16)]
+        sweeps["ivfpq"] = [{"nprobe": p, "k_factor": f} for p, f in ((4, 16), (4, 32), (8, 32), (8, 64), (16, 64))]
     import numpy as np
 
     results = []

@@ -179,7 +179,7 @@ def knn(
 
 
 # ---------------------------------------------------------------------------- persistent index
-BACKENDS = ("exact", "hnsw", "ivfpq")
+BACKENDS = ("exact", "hnsw", "ivfsq", "ivfpq")
 _DEFAULTS = {
     "exact": {},
     # HNSW: M links per node, efConstruction at build, efSearch at query time
@@ -187,7 +187,11 @@ _DEFAULTS = {
     # IVF-PQ: nlist cells (None: about 4 * sqrt(n)), nprobe cells searched, m sub-quantizers of
     # 8 bits (None: d / 4 rounded to a divisor of d, at most 64), refine: exact re-ranking of a
     # shortlist of k * k_factor candidates (False: the memory-lean mode, codes only)
-    "ivfpq": {"nlist": None, "nprobe": 16, "m": None, "refine": True, "k_factor": 8},
+    "ivfpq": {"nlist": None, "nprobe": 8, "m": None, "refine": True, "k_factor": 32},
+    # IVF-SQ8: nlist cells, nprobe searched, each vector stored as 8-bit integers per
+    # dimension (a quarter of float32, distances within about 1 %); refine as for ivfpq, off by
+    # default since the codes are already close to exact
+    "ivfsq": {"nlist": None, "nprobe": 8, "refine": False, "k_factor": 2},
 }
 _FORMAT = "utils_cv.similarity.index/1"
 
@@ -241,13 +245,14 @@ class SimilarityIndex:
         """Index ``features`` (n, d) under ``ids`` (n hashable ids, e.g. file paths).
 
         Args:
-            backend: ``"exact"`` (blocked brute force, :func:`knn`), ``"hnsw"`` or ``"ivfpq"``
-                (faiss; ``pip install faiss-cpu``).
+            backend: ``"exact"`` (blocked brute force, :func:`knn`), ``"hnsw"``, ``"ivfsq"`` or
+                ``"ivfpq"`` (faiss; ``pip install faiss-cpu``).
             distance: ``"l2"`` or ``"cosine"``.
             metadata: what made the features (backbone, preprocessing...), saved with the index.
             **params: backend parameters; defaults in ``_DEFAULTS`` (hnsw: M=32,
-                efConstruction=200, efSearch=128; ivfpq: nlist=4*sqrt(n), nprobe=16,
-                m=d/4, refine=True, k_factor=8).
+                efConstruction=200, efSearch=128; ivfsq: nlist=4*sqrt(n), nprobe=8,
+                refine=False; ivfpq: nlist=4*sqrt(n), nprobe=8, m=d/4, refine=True,
+                k_factor=32).
         """
         if backend not in BACKENDS:
             raise ValueError(f"The 'backend' parameter must be one of {set(BACKENDS)}. Got {backend!r} instead.")
@@ -258,9 +263,10 @@ class SimilarityIndex:
             raise ValueError(f"Unknown parameters {sorted(unknown)} for backend {backend!r}; "
                              f"it takes {sorted(_DEFAULTS[backend])}.")
         merged = {**_DEFAULTS[backend], **params}
-        if backend == "ivfpq":
+        if backend in ("ivfpq", "ivfsq"):
             if merged["nlist"] is None:
                 merged["nlist"] = int(max(1, min(len(x) // 39, round(4 * np.sqrt(len(x))))))
+        if backend == "ivfpq":
             if merged["m"] is None:
                 merged["m"] = _pq_m(x.shape[1])
         index = cls(backend, distance, x.shape[1], merged, metadata)
@@ -285,11 +291,15 @@ class SimilarityIndex:
             idx.hnsw.efSearch = int(p["efSearch"])
             return idx
         quantizer = faiss.IndexFlatL2(self.dim)
-        ivf = faiss.IndexIVFPQ(quantizer, self.dim, int(p["nlist"]), int(p["m"]), 8)
+        if self.backend == "ivfsq":
+            ivf = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, int(p["nlist"]), faiss.ScalarQuantizer.QT_8bit,
+                                                faiss.METRIC_L2)
+        else:
+            ivf = faiss.IndexIVFPQ(quantizer, self.dim, int(p["nlist"]), int(p["m"]), 8)
         ivf.nprobe = int(p["nprobe"])
         train = self._prepared(train)
         if len(train) < max(int(p["nlist"]), 256):
-            raise ValueError(f"ivfpq needs at least max(nlist, 256) = {max(int(p['nlist']), 256)} vectors to "
+            raise ValueError(f"{self.backend} needs at least max(nlist, 256) = {max(int(p['nlist']), 256)} vectors to "
                              f"train; got {len(train)}. Use backend='exact' or 'hnsw' for small sets.")
         # k-means needs about 40-256 points per cell; a seeded sample of 64 per cell keeps
         # training time flat in n (faiss itself would sample 256 per cell)
@@ -303,11 +313,12 @@ class SimilarityIndex:
         refined.k_factor = float(p["k_factor"])
         return refined
 
-    _SEARCH_PARAMS = {"exact": (), "hnsw": ("efSearch",), "ivfpq": ("nprobe", "k_factor")}
+    _SEARCH_PARAMS = {"exact": (), "hnsw": ("efSearch",), "ivfpq": ("nprobe", "k_factor"),
+                      "ivfsq": ("nprobe", "k_factor")}
 
     def set_search_params(self, **params) -> None:
         """Change query-time parameters without rebuilding: ``efSearch`` (hnsw), ``nprobe``
-        and ``k_factor`` (ivfpq; ``k_factor`` only with ``refine=True``). Higher values find
+        and ``k_factor`` (ivfsq, ivfpq; ``k_factor`` only with ``refine=True``). Higher values find
         more of the true neighbours and answer more slowly; :meth:`recommend` measures both."""
         allowed = self._SEARCH_PARAMS[self.backend]
         unknown = set(params) - set(allowed)
@@ -318,7 +329,7 @@ class SimilarityIndex:
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or value < 1:
                 raise ValueError(f"The {name!r} parameter must be a number >= 1. Got {value!r} instead.")
         if "k_factor" in params and not self.params.get("refine"):
-            raise ValueError("'k_factor' applies only to an ivfpq index built with refine=True.")
+            raise ValueError("'k_factor' applies only to an ivfsq or ivfpq index built with refine=True.")
         self.params.update(params)
         self._apply_search_params()
 
@@ -327,7 +338,7 @@ class SimilarityIndex:
         p = self.params
         if self.backend == "hnsw":
             self._faiss.hnsw.efSearch = int(p["efSearch"])
-        elif self.backend == "ivfpq":
+        elif self.backend in ("ivfpq", "ivfsq"):
             ivf = faiss.extract_index_ivf(self._faiss)
             ivf.nprobe = int(p["nprobe"])
             if p.get("refine"):
@@ -438,7 +449,7 @@ class SimilarityIndex:
         if candidates is None:
             candidates = [("exact", {}), ("hnsw", {}), ("hnsw", {"efSearch": 256})]
             if len(x) >= 256 * 4:
-                candidates += [("ivfpq", {}), ("ivfpq", {"nprobe": 64}), ("ivfpq", {"refine": False})]
+                candidates += [("ivfsq", {}), ("ivfsq", {"nprobe": 4}), ("ivfpq", {}), ("ivfpq", {"refine": False})]
             if _faiss() is None:
                 candidates = [("exact", {})]
 
