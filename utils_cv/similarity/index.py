@@ -1,4 +1,12 @@
-"""Nearest-neighbour search. Smaller distance means closer; ties break by the lower index."""
+"""Nearest-neighbour search. Smaller distance means closer; ties break by the lower index.
+
+``knn`` is exact search over arrays; ``SimilarityIndex`` keeps features with ids, searches
+them exactly or approximately, and saves them. Besides the ``exact``, ``hnsw`` and ``ivfpq``
+backends of the design, ``ivfsq`` (inverted lists of 8-bit scalar codes) was added: on
+1M x 512 clustered vectors it was the only backend to reach recall@10 0.95 at 100x the
+speed of exact search on 2 CPUs, because 8-bit codes rank almost exactly where product
+quantization codes need a long re-ranked shortlist (BENCHMARKS.md).
+"""
 from __future__ import annotations
 
 from pathlib import Path
