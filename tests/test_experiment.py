@@ -16,7 +16,7 @@ TINY = dict(image_size=48, epochs=1, freeze_epochs=0, batch_size=8)
 
 
 def test_run_trains_and_evaluates_one_recipe_with_reranking(split):
-    r = experiment.run(*split, head="softmax", rerank={"k1": 3, "k2": 2}, **TINY)
+    r = experiment.run(*split, head="softmax", rerank={"k1": 3, "k2": 2}, lr=None, **TINY)  # None: the recipe lr
     assert r["model"] == "softmax" and r["image_size"] == 48 and r["epochs"] == 1 and r["lr"] == 2e-3
     for k in experiment.METRIC_KEYS:
         assert 0 <= r[k] <= 1 and 0 <= r[f"rerank {k}"] <= 1

@@ -111,7 +111,7 @@ def test_02_state_of_the_art(tmp_path):
     same = draw(tmp_path / "same", per_class=8)
     disjoint = draw(tmp_path / "disjoint", classes=("a_circles", "b_squares", "c_stripes", "d_circles2",
                                                     "e_squares2", "f_stripes2"), per_class=5, seed=1)
-    r = run("02_state_of_the_art", tmp_path, DATA_PATH=str(same), DISJOINT_PATH=str(disjoint), EPOCHS=1,
+    r = run("02_state_of_the_art", tmp_path, DATA_PATH=str(same), DISJOINT_PATH=str(disjoint), EPOCHS=1, FREEZE_EPOCHS=0,
             IMAGE_SIZE=48, RERANK_K1=3, RERANK_K2=2)
     assert r["disjoint_ran"] is True
     for key, value in r.items():

@@ -97,7 +97,7 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
         head: ``"softmax"`` or ``"normsoftmax"``; its entry of :data:`RECIPES` gives the
             defaults, ``recipe`` overrides them (``backbone``, ``image_size``, ``epochs``,
             ``freeze_epochs``, ``lr``, ``freeze_lr``, ``lr_mult``, ``embedding_dim``,
-            ``batch_size``...).
+            ``batch_size``...); a value of None keeps the recipe's.
         valid: ``create_learner``'s per-epoch retrieval validation (a share of the training
             images, or held-out ``(paths, labels)``).
         name: the row's name (default: the head).
@@ -113,7 +113,7 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
         raise ValueError(f"Unknown recipe parameters {sorted(unknown)}; known: {sorted(_LEARNER_ARGS | _FIT_ARGS)}.")
     if head == "softmax" and recipe.get("embedding_dim") is not None:
         raise ValueError("'embedding_dim' applies to head='normsoftmax'; the softmax embedding is the backbone's width.")
-    config = {**RECIPES[head], **recipe}
+    config = {**RECIPES[head], **{k: v for k, v in recipe.items() if v is not None}}  # None: the recipe's value
     start = time.perf_counter()
     learner = train.create_learner(train_paths, train_labels, head=head, seed=seed, valid=valid,
                                    **{k: v for k, v in config.items() if k in _LEARNER_ARGS})
