@@ -180,7 +180,11 @@ def _load_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"The 'weights' parameter points to {str(path)!r}, which is not a file.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # weights_only: a pickle that would run code is refused, never executed
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - corrupted, not a torch file, or an unsafe pickle
+        raise ValueError(f"{str(path)!r} is not a readable weights file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}).") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
