@@ -63,3 +63,34 @@ def write_video(path: Path, frames, fps: int = 10) -> Path:
         writer.write(np.ascontiguousarray(rgb[:, :, ::-1]))
     writer.release()
     return path
+
+
+class PickleExploit:
+    """Unpickling this creates the file ``marker``: proof that a loader ran pickled code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def kill_mid_save(script: str, args: list[str], fraction: float, env: dict | None = None) -> None:
+    """Run ``script``, which saves in a loop printing "saved" after each save; time three
+    saves, then SIGKILL it ``fraction`` of the way into the next one."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        stamps = []
+        for _ in range(3):
+            assert child.stdout.readline().strip() == "saved"
+            stamps.append(time.perf_counter())
+        time.sleep(fraction * (stamps[-1] - stamps[0]) / 2)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        child.kill()

@@ -115,14 +115,11 @@ def test_weights_path_loads_a_local_state_dict(tmp_path):
 def test_weights_file_with_a_malicious_pickle_is_refused_unexecuted(tmp_path):
     import pickle
 
+    from conftest import PickleExploit
+
     marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     with open(tmp_path / "evil.pth", "wb") as f:
-        pickle.dump({"state_dict": Exploit()}, f)
+        pickle.dump({"state_dict": PickleExploit(marker)}, f)
     with pytest.raises(ValueError, match="evil.pth.*not a readable weights file"):
         model.create_backbone("resnet18", weights=tmp_path / "evil.pth")
     assert not marker.exists()

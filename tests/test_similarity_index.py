@@ -201,26 +201,12 @@ while True:
 @pytest.mark.parametrize("fraction", [0.15, 0.5, 0.8, 0.97])
 def test_killing_a_process_mid_save_never_loses_the_index(data, tmp_path, fraction):
     """SIGKILL at several points of a save: what is on disk always loads whole (old or new)."""
-    import signal
-    import subprocess
-    import sys
-    import time
+    from conftest import kill_mid_save
 
     x, _, ids = data
     target = tmp_path / "idx"
     SimilarityIndex.build(x[:100], ids[:100]).save(target)
-    child = subprocess.Popen([sys.executable, "-c", KILL_CHILD, str(target)], stdout=subprocess.PIPE, text=True)
-    try:
-        stamps = []
-        for _ in range(3):
-            assert child.stdout.readline().strip() == "saved"
-            stamps.append(time.perf_counter())
-        period = (stamps[-1] - stamps[0]) / 2
-        time.sleep(fraction * period)
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        child.kill()
+    kill_mid_save(KILL_CHILD, [str(target)], fraction)
     loaded = SimilarityIndex.load(target)
     assert len(loaded) == 200_000
     D, _ = loaded.search(np.zeros((1, 64), np.float32), 1)
@@ -268,14 +254,11 @@ def test_a_pickle_inside_an_index_is_refused_and_never_run(data, tmp_path):
 
     x, _, ids = data
     path = SimilarityIndex.build(x[:50], ids[:50]).save(tmp_path / "idx")
+    from conftest import PickleExploit
+
     marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     arr = np.empty(1, dtype=object)
-    arr[0] = Exploit()
+    arr[0] = PickleExploit(marker)
     np.save(path / "features.npy", arr, allow_pickle=True)
     manifest = json.loads((path / "manifest.json").read_text())
     manifest["sha256"]["features.npy"] = hashlib.sha256((path / "features.npy").read_bytes()).hexdigest()

@@ -126,14 +126,11 @@ def test_tampered_or_foreign_files_are_refused(folder, tmp_path):
 def test_malicious_pickle_is_not_executed(tmp_path):
     import pickle
 
+    from conftest import PickleExploit
+
     marker = tmp_path / "pwned"
-
-    class Exploit:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
     with open(tmp_path / "evil.pth", "wb") as f:
-        pickle.dump({"format": train.FORMAT, "metadata": "{}", "state_dict": Exploit()}, f)
+        pickle.dump({"format": train.FORMAT, "metadata": "{}", "state_dict": PickleExploit(marker)}, f)
     with pytest.raises(ValueError, match="not a readable model file"):
         train.load(tmp_path / "evil.pth")
     assert not marker.exists()
@@ -190,26 +187,13 @@ while True:
 def test_killing_a_process_mid_save_leaves_a_loadable_model(folder, tmp_path, fraction):
     """SIGKILL while a ~95 MB model file is being written: the file on disk still loads."""
     import os
-    import signal
-    import subprocess
-    import sys
-    import time
     from pathlib import Path
+
+    from conftest import kill_mid_save
 
     target = tmp_path / "model.pth"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    child = subprocess.Popen([sys.executable, "-c", SAVE_CHILD, str(target), str(tmp_path / "imgs")],
-                             stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        stamps = []
-        for _ in range(3):
-            assert child.stdout.readline().strip() == "saved"
-            stamps.append(time.perf_counter())
-        time.sleep(fraction * (stamps[-1] - stamps[0]) / 2)
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-    finally:
-        child.kill()
+    kill_mid_save(SAVE_CHILD, [str(target), str(tmp_path / "imgs")], fraction, env=env)
     module, _ = train.load(target)
     assert module.metadata["backbone"] == "resnet50"
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".model.pth")]

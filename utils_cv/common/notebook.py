@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from utils_cv.common.paths import atomic_write
-
 __all__ = ["MIME", "execute", "read_records", "record"]
 
 MIME = "application/vnd.utils-cv.record+json"
@@ -79,8 +77,7 @@ def execute(notebook, output, parameters: dict | None = None, cwd=None, timeout:
     try:
         pm.execute_notebook(str(notebook), str(tmp), parameters=parameters or {}, cwd=env_cwd,
                             execution_timeout=timeout, kernel_name=kernel_name, progress_bar=False)
-        with atomic_write(output, "wb") as f:
-            f.write(tmp.read_bytes())
+        os.replace(tmp, output)  # same folder: the finished notebook replaces the old one in one step
     except BaseException:
         if tmp.exists():  # keep what ran, with the error in it, for reading
             failed = output.with_name(output.stem + ".failed.ipynb")

@@ -34,6 +34,12 @@ def _as_matrix(x, name: str) -> np.ndarray:
     return x
 
 
+def _positive_int(value, name: str) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is an int >= 1 (bools refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"The {name!r} parameter must be a positive integer. Got {value!r} instead.")
+
+
 def _check_distance(distance: str) -> None:
     if distance not in DISTANCES:
         raise ValueError(f"The 'distance' parameter must be one of {set(DISTANCES)}. Got {distance!r} instead.")
@@ -147,8 +153,7 @@ def knn(
     if exclude_self and nq != nr:
         raise ValueError(f"exclude_self=True needs query and reference to be the same rows; got {nq} and {nr} rows.")
     available = nr - 1 if exclude_self else nr
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"The 'k' parameter must be a positive integer. Got {k!r} instead.")
+    _positive_int(k, "k")
     if k > available:
         raise ValueError(f"The 'k' parameter ({k}) is larger than the {available} reference items available.")
     if backend not in ("auto", "faiss", "torch"):
@@ -411,8 +416,7 @@ class SimilarityIndex:
         if q.shape[1] != self.dim:
             raise ValueError(f"'query' has dimension {q.shape[1]} but the index holds dimension {self.dim} "
                              f"(features of {self.metadata.get('backbone', 'another model')!r}?).")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise ValueError(f"The 'k' parameter must be a positive integer. Got {k!r} instead.")
+        _positive_int(k, "k")
         if k > len(self):
             raise ValueError(f"The 'k' parameter ({k}) is larger than the {len(self)} items in the index.")
         fetch = min(len(self._ids), k + len(self._removed))
@@ -629,8 +633,7 @@ def clustered_vectors(n: int, d: int = 512, clusters: int = 1000, noise: float =
     ``draw=0`` collection. Generated in blocks of 100k rows: memory is the output alone.
     """
     for name, value in (("n", n), ("d", d), ("clusters", clusters)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"The {name!r} parameter must be a positive integer. Got {value!r} instead.")
+        _positive_int(value, name)
     c = np.random.default_rng(seed).normal(size=(clusters, d)).astype(np.float32)
     rng = np.random.default_rng([seed, draw])
     x = np.empty((n, d), np.float32)

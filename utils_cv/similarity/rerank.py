@@ -36,9 +36,8 @@ _BLOCK_BYTES = 128 * 1024 * 1024
 
 
 def _check(k1, k2, lambda_value, n):
-    for name, value in (("k1", k1), ("k2", k2)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"The {name!r} parameter must be a positive integer. Got {value!r} instead.")
+    index_mod._positive_int(k1, "k1")
+    index_mod._positive_int(k2, "k2")
     if k2 > k1 + 1:
         raise ValueError(f"The 'k2' parameter ({k2}) must be at most k1 + 1 = {k1 + 1}.")
     if k1 + 1 > n:
