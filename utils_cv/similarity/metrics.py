@@ -1,11 +1,27 @@
 """Retrieval metrics, exactly as the deep-metric-learning literature and
-pytorch-metric-learning's ``AccuracyCalculator`` define them (see METRICS.md of the project).
+pytorch-metric-learning's ``AccuracyCalculator`` define them (definitions below).
 
 Everything is computed from one quantity: for each query, the 1-based rank of every
 relevant reference item in the ranking by ascending distance (ties: lower reference index
 first). Queries are processed class by class and in row blocks: a block's distances and the
 positions of its non-relevant items are the only large temporaries, so memory stays bounded
 (about ``_BLOCK_BYTES``) however many queries there are.
+
+Definitions (queries q, gallery G, relevant = same label; in leave-one-out q is removed from
+its own ranking; R_q = relevant items in G; queries with R_q = 0 are left out of every
+metric and counted in ``num_excluded``; rel_q(i) = 1 when the i-th ranked item is relevant):
+
+* ``recall@K``: mean over q of 1[some i <= K has rel_q(i) = 1] (a hit rate; recall@1 =
+  precision@1).
+* ``precision@1``: mean of rel_q(1).
+* ``r_precision``: mean of (1/R_q) sum_{i<=R_q} rel_q(i).
+* ``map@r`` (MAP@R, "A Metric Learning Reality Check"): mean of
+  (1/R_q) sum_{i<=R_q} P_q(i) rel_q(i), with P_q(i) = (1/i) sum_{j<=i} rel_q(j).
+* ``map``: as ``map@r`` over the whole ranking (average precision).
+* ``mrr``: mean of 1 / (rank of the first relevant item).
+* Comparative sets (:func:`positive_ranks`): 1 query, 1 positive, N negatives;
+  rank = 1 + negatives strictly closer than the positive. Not comparable to gallery-wide
+  recall@K.
 """
 from __future__ import annotations
 
@@ -16,21 +32,20 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils_cv.similarity.index import _as_matrix, _check_distance, pairwise_distances
+from utils_cv.similarity._checks import as_matrix, check_distance, check_labels, positive_int
+from utils_cv.similarity.distances import pairwise_distances, sq_norms, squared_l2_
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate_distances", "evaluate_retrieval", "pairwise_distances", "positive_ranks", "recall_at_k", "relevant_ranks"]
+__all__ = ["bootstrap_interval", "evaluate_distances", "evaluate_retrieval", "pairwise_distances", "per_query_metrics",
+           "positive_ranks", "recall_at_k", "relevant_ranks"]
 
 _BLOCK_BYTES = 128 * 1024 * 1024
 _BYTES_PER_SCORE = 4 + 8 + 4 + 1  # per (query, reference) pair: score, slot, neighbour value, tie flag
 
 
 def _labels(labels, n: int, name: str) -> np.ndarray:
-    arr = np.asarray(labels)
-    if arr.ndim != 1 or len(arr) != n:
-        raise ValueError(f"The {name!r} parameter must hold one label per row ({n}); got {arr.shape}.")
-    return arr
+    return check_labels(labels, name, n)
 
 
 def relevant_ranks(query, query_labels, reference=None, reference_labels=None, distance: str = "l2") -> tuple[list[np.ndarray], np.ndarray]:
@@ -46,8 +61,8 @@ def relevant_ranks(query, query_labels, reference=None, reference_labels=None, d
     relevant item, how many non-relevant items precede it. Exact ties between a relevant
     and a non-relevant item are resolved by index.
     """
-    _check_distance(distance)
-    q = _as_matrix(query, "query")
+    check_distance(distance)
+    q = as_matrix(query, "query")
     y_q = _labels(query_labels, len(q), "query_labels")
     loo = reference is None
     if loo:
@@ -55,7 +70,7 @@ def relevant_ranks(query, query_labels, reference=None, reference_labels=None, d
             raise ValueError("'reference_labels' was given without 'reference'.")
         r, y_r = q, y_q
     else:
-        r = _as_matrix(reference, "reference")
+        r = as_matrix(reference, "reference")
         if reference_labels is None:
             raise ValueError("'reference_labels' is needed with 'reference'.")
         y_r = _labels(reference_labels, len(r), "reference_labels")
@@ -67,7 +82,7 @@ def relevant_ranks(query, query_labels, reference=None, reference_labels=None, d
     if distance == "cosine":
         qt = torch.nn.functional.normalize(qt, dim=1)
         rt = torch.nn.functional.normalize(rt, dim=1)
-    r_sq = (rt * rt).sum(1) if distance == "l2" else None
+    r_sq = sq_norms(rt) if distance == "l2" else None
     n = len(r)
     # class of every query and reference as integers over the union of labels
     classes, inverse = np.unique(np.concatenate([y_q, y_r]), return_inverse=True)
@@ -92,8 +107,7 @@ def relevant_ranks(query, query_labels, reference=None, reference_labels=None, d
             if distance == "cosine":
                 scores.neg_()
             else:  # squared L2 orders like L2
-                qb = qt[torch.from_numpy(block)]
-                scores.mul_(-2.0).add_(r_sq[None, :]).add_((qb * qb).sum(1, keepdim=True))
+                squared_l2_(scores, sq_norms(qt[torch.from_numpy(block)]), r_sq)
             if loo:
                 scores[torch.arange(len(block)), torch.from_numpy(block)] = float("inf")
             bc = cq[block]
@@ -183,11 +197,7 @@ def _check_ks(ks) -> list[int]:
     return ks
 
 
-def _summarise(ranks: list[np.ndarray], excluded: int, nq: int, ks: list[int]) -> dict[str, float]:
-    if excluded:
-        logger.warning("%d of %d queries have no relevant item in the gallery and are left out", excluded, nq)
-    if not ranks:
-        raise ValueError("No query has a relevant item (same label) in the gallery: nothing to evaluate.")
+def _per_query(ranks: list[np.ndarray], ks: list[int]) -> dict[str, np.ndarray]:
     first = np.array([rk[0] for rk in ranks], dtype=np.float64)
     r_prec, map_r, ap = np.empty(len(ranks)), np.empty(len(ranks)), np.empty(len(ranks))
     for j, rk in enumerate(ranks):
@@ -197,17 +207,51 @@ def _summarise(ranks: list[np.ndarray], excluded: int, nq: int, ks: list[int]) -
         r_prec[j] = within.sum() / R
         map_r[j] = hits[within].sum() / R
         ap[j] = hits.mean()
-    result = {f"recall@{k}": float((first <= k).mean()) for k in ks}
-    result.update({
-        "precision@1": float((first == 1).mean()),
-        "r_precision": float(r_prec.mean()),
-        "map@r": float(map_r.mean()),
-        "map": float(ap.mean()),
-        "mrr": float((1.0 / first).mean()),
-        "num_queries": len(ranks),
-        "num_excluded": excluded,
-    })
+    out = {f"recall@{k}": (first <= k).astype(np.float64) for k in ks}
+    out.update({"precision@1": (first == 1).astype(np.float64), "r_precision": r_prec, "map@r": map_r, "map": ap,
+                "mrr": 1.0 / first})
+    return out
+
+
+def _summarise(ranks: list[np.ndarray], excluded: int, nq: int, ks: list[int]) -> dict[str, float]:
+    if excluded:
+        logger.warning("%d of %d queries have no relevant item in the gallery and are left out", excluded, nq)
+    if not ranks:
+        raise ValueError("No query has a relevant item (same label) in the gallery: nothing to evaluate.")
+    result = {name: float(values.mean()) for name, values in _per_query(ranks, ks).items()}
+    result.update({"num_queries": len(ranks), "num_excluded": excluded})
     return result
+
+
+def per_query_metrics(query, query_labels, reference=None, reference_labels=None, ks: Sequence[int] = (1, 2, 4, 8),
+                      distance: str = "l2") -> dict[str, np.ndarray]:
+    """The metrics of :func:`evaluate_retrieval` for each evaluated query (arrays aligned with
+    ``kept``, the query rows that have a relevant item, under the key ``"query"``); their means
+    are :func:`evaluate_retrieval`'s values. For intervals: :func:`bootstrap_interval`."""
+    ks = _check_ks(ks)
+    ranks, kept = relevant_ranks(query, query_labels, reference, reference_labels, distance)
+    if not ranks:
+        raise ValueError("No query has a relevant item (same label) in the gallery: nothing to evaluate.")
+    return {"query": kept, **_per_query(ranks, ks)}
+
+
+def bootstrap_interval(values, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (one value per query): how much
+    a metric could move with another draw of queries of the same kind. Small test sets give
+    wide intervals; a difference inside them is not a difference."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or len(v) == 0:
+        raise ValueError(f"The 'values' parameter must be a non-empty 1-D array. Got shape {v.shape}.")
+    if not 0 < level < 1:
+        raise ValueError(f"The 'level' parameter must be in (0, 1). Got {level!r} instead.")
+    positive_int(n_boot, "n_boot")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for start in range(0, n_boot, 256):  # blocks keep the (draws x n) index matrix small
+        stop = min(n_boot, start + 256)
+        means[start:stop] = v[rng.integers(0, len(v), size=(stop - start, len(v)))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def evaluate_distances(distances, query_labels, reference_labels=None,
@@ -248,7 +292,7 @@ def evaluate_distances(distances, query_labels, reference_labels=None,
 def positive_ranks(features, sets, distance: str = "l2") -> np.ndarray:
     """Rank of the positive in each comparative set: 1 + number of negatives strictly closer
     to the query than the positive (1 is best). ``sets`` come from ``data.comparative_sets``."""
-    f = _as_matrix(features, "features")
+    f = as_matrix(features, "features")
     out = np.empty(len(sets), dtype=np.int64)
     for i, s in enumerate(sets):
         cand = np.concatenate([[s.positive], np.asarray(s.negatives, dtype=np.int64)])
@@ -262,6 +306,5 @@ def recall_at_k(ranks, k: int) -> float:
     ranks = np.asarray(ranks)
     if ranks.size == 0:
         raise ValueError("The 'ranks' parameter is empty.")
-    if k < 1:
-        raise ValueError(f"The 'k' parameter must be >= 1. Got {k!r} instead.")
+    positive_int(k, "k")
     return float((ranks <= k).mean())

@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 
 from utils_cv.similarity.data import load_image
-from utils_cv.similarity.index import _positive_int
+from utils_cv.similarity._checks import positive_int
 
 __all__ = ["plot_class_examples", "plot_neighbors", "plot_rank_distribution", "plot_recall_at_k", "plot_recall_vs_speed", "plot_training_log"]
 
@@ -91,7 +91,7 @@ def plot_class_examples(paths: Sequence, labels: Sequence[str], per_class: int =
         raise ValueError(f"'paths' has {len(paths)} items but 'labels' has {len(labels)}: they must be aligned.")
     if not len(paths):
         raise ValueError("The 'paths' parameter is empty.")
-    _positive_int(per_class, "per_class")
+    positive_int(per_class, "per_class")
     y = np.asarray([str(l) for l in labels])
     classes = sorted(set(y.tolist()))
     rng = np.random.default_rng(seed)

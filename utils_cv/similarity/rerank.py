@@ -27,7 +27,8 @@ import logging
 
 import numpy as np
 
-from utils_cv.similarity import index as index_mod
+from utils_cv.similarity._checks import as_matrix, positive_int
+from utils_cv.similarity.distances import knn, sq_norms, squared_l2_
 
 __all__ = ["k_reciprocal_rerank"]
 
@@ -36,8 +37,8 @@ _BLOCK_BYTES = 128 * 1024 * 1024
 
 
 def _check(k1, k2, lambda_value, n):
-    index_mod._positive_int(k1, "k1")
-    index_mod._positive_int(k2, "k2")
+    positive_int(k1, "k1")
+    positive_int(k2, "k2")
     if k2 > k1 + 1:
         raise ValueError(f"The 'k2' parameter ({k2}) must be at most k1 + 1 = {k1 + 1}.")
     if k1 + 1 > n:
@@ -49,7 +50,7 @@ def _check(k1, k2, lambda_value, n):
 
 def _neighbours(x: np.ndarray, k: int) -> np.ndarray:
     """(n, k + 1) indices: each row itself first, then its k nearest others (ties: lower index)."""
-    _, I = index_mod.knn(x, x, k, exclude_self=True)
+    _, I = knn(x, x, k, exclude_self=True)
     return np.concatenate([np.arange(len(x))[:, None], I], axis=1)
 
 
@@ -61,11 +62,11 @@ def _reciprocal(rank: np.ndarray, i: int, k: int) -> np.ndarray:
 
 def _row_max_sq(x: np.ndarray) -> np.ndarray:
     """Largest squared distance of each row to all rows, in blocks."""
-    sq = (x * x).sum(1)
+    sq = sq_norms(x)
     out = np.empty(len(x), np.float32)
     step = max(1, _BLOCK_BYTES // (4 * len(x)))
     for s in range(0, len(x), step):
-        d = sq[s:s + step, None] - 2.0 * (x[s:s + step] @ x.T) + sq[None, :]
+        d = squared_l2_(x[s:s + step] @ x.T, sq[s:s + step], sq)
         out[s:s + step] = np.maximum(d.max(1), 1e-12)
     return out
 
@@ -86,9 +87,9 @@ def k_reciprocal_rerank(query, gallery=None, k1: int = 20, k2: int = 6, lambda_v
     Returns:
         (nq, ng) float32 distances, smaller is closer (rank with ``np.argsort(.., axis=1)``).
     """
-    q = index_mod._as_matrix(query, "query")
+    q = as_matrix(query, "query")
     same = gallery is None
-    g = q if same else index_mod._as_matrix(gallery, "gallery")
+    g = q if same else as_matrix(gallery, "gallery")
     if q.shape[1] != g.shape[1]:
         raise ValueError(f"'query' has dimension {q.shape[1]} but 'gallery' has {g.shape[1]}: they must match.")
     if len(q) == 0 or len(g) == 0:
@@ -124,7 +125,7 @@ def k_reciprocal_rerank(query, gallery=None, k1: int = 20, k2: int = 6, lambda_v
     Vc = V.tocsc()
     gal = np.arange(n) if same else np.arange(nq, n)
     out = np.empty((nq, len(g)), np.float32)
-    sq_g = (g * g).sum(1)
+    sq_g = sq_norms(g)
     for i in range(nq):
         start, stop = V.indptr[i], V.indptr[i + 1]
         nz, vi = V.indices[start:stop], V.data[start:stop]
@@ -134,6 +135,6 @@ def k_reciprocal_rerank(query, gallery=None, k1: int = 20, k2: int = 6, lambda_v
         mins = np.asarray(sub.sum(1)).ravel()
         # rows of V sum to 1, so Σ max = 2 - Σ min
         jaccard = 1.0 - mins / (2.0 - mins)
-        d = np.maximum((q[i] * q[i]).sum() - 2.0 * (g @ q[i]) + sq_g, 0.0) / row_max[i]
+        d = squared_l2_((g @ q[i])[None, :], sq_norms(q[i:i + 1]), sq_g)[0] / row_max[i]
         out[i] = (1.0 - lambda_value) * jaccard + lambda_value * d
     return out

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from utils_cv.similarity import index, plot
+from utils_cv.similarity import distances, plot
 
 __all__ = ["NeighborBrowser"]
 
@@ -32,7 +32,7 @@ class NeighborBrowser:
             raise ValueError(f"'labels' has {len(labels)} items but 'paths' has {len(paths)}.")
         self.paths, self.labels = list(paths), None if labels is None else list(labels)
         self.k = min(k, len(paths) - 1)
-        self.D, self.I = index.knn(features, features, self.k, distance=distance, exclude_self=True)
+        self.D, self.I = distances.knn(features, features, self.k, distance=distance, exclude_self=True)
         names = [f"{i}: {self.labels[i] + '/' if self.labels else ''}{getattr(p, 'name', p)}" for i, p in enumerate(self.paths)]
         self.query = w.Dropdown(options=list(zip(names, range(len(names)))), value=0, description="query")
         self.slider = w.IntSlider(min=0, max=len(names) - 1, value=0, description="#", continuous_update=False)
