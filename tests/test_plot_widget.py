@@ -56,9 +56,11 @@ def test_training_log_plot_marks_the_best_epoch():
            {"epoch": 2, "train_loss": 1.0, "valid_loss": 1.2, "map@r": 0.6}]
     ax = plot.plot_training_log(log)
     assert [l.get_label() for l in ax.get_lines()] == ["train loss", "valid loss"]
-    line = ax.twin.get_lines()[0]
+    twin = ax.figure.axes[-1]
+    assert twin is not ax and not hasattr(ax, "twin"), "the Axes given back is not changed"
+    line = twin.get_lines()[0]
     assert list(line.get_xdata()) == [0, 1, 2] and list(line.get_ydata()) == [0.5, 0.7, 0.6]
-    assert ax.twin.collections[0].get_offsets().tolist() == [[1.0, 0.7]]
+    assert twin.collections[0].get_offsets().tolist() == [[1.0, 0.7]]
     with pytest.raises(ValueError, match="empty"):
         plot.plot_training_log([])
 

@@ -66,3 +66,16 @@ def check_labels(labels, name: str = "labels", n: int | None = None) -> np.ndarr
     if arr.dtype == object:  # back to a plain array of the values (str labels become '<U..')
         arr = np.asarray(arr.tolist())
     return arr
+
+
+def positive_int_text(text: str) -> int:
+    """argparse ``type=`` for options that must be positive integers (refused before any work)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value

@@ -8,7 +8,8 @@ import numpy as np
 from utils_cv.similarity.data import load_image
 from utils_cv.similarity._checks import positive_int
 
-__all__ = ["plot_class_examples", "plot_neighbors", "plot_rank_distribution", "plot_recall_at_k", "plot_recall_vs_speed", "plot_training_log"]
+__all__ = ["plot_class_examples", "plot_duplicate_groups", "plot_neighbors", "plot_rank_distribution", "plot_recall_at_k",
+           "plot_recall_vs_speed", "plot_training_log"]
 
 
 def _thumb(path, size: int) -> np.ndarray:
@@ -212,7 +213,8 @@ def plot_training_log(log: Sequence[dict], ax=None):
     starting weights). MAP@R goes on a second y axis; the best epoch is marked.
 
     Returns:
-        The matplotlib Axes of the losses (the MAP@R axis is its ``twin``).
+        The matplotlib Axes of the losses. The MAP@R axis is its twin, the figure's last Axes
+        (``ax.figure.axes[-1]``); nothing is attached to the Axes.
     """
     import matplotlib.pyplot as plt
 
@@ -235,9 +237,50 @@ def plot_training_log(log: Sequence[dict], ax=None):
         best = max(scored, key=lambda p: p[1])
         twin.scatter([best[0]], [best[1]], s=80, facecolors="none", edgecolors="tab:green", zorder=3)
         twin.set_ylabel("validation MAP@R")
-        ax.twin = twin
         handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
         ax.legend(handles, [h.get_label() for h in handles], loc="center right", fontsize=8)
     elif ax.lines:
         ax.legend(fontsize=8)
     return ax
+
+
+def plot_duplicate_groups(groups: Sequence, max_groups: int = 6, max_members: int = 6, thumb_size: int = 112,
+                          axes=None, remove: Sequence = ()):
+    """One row per duplicate group: the representative, then its duplicates with their
+    distance to it underneath; files listed in ``remove`` are captioned "remove?".
+
+    Args:
+        groups: ``dedup.duplicate_groups`` output (or lists of paths, distances then not shown).
+        axes: a sequence of Axes, one per row; None makes a figure.
+
+    Returns:
+        The list of Axes drawn on.
+    """
+    import matplotlib.pyplot as plt
+
+    positive_int(max_groups, "max_groups")
+    positive_int(max_members, "max_members")
+    rows = list(groups)[:max_groups]
+    if not rows:
+        raise ValueError("The 'groups' parameter is empty: there are no duplicates to show.")
+    if axes is None:
+        width = max(min(len(g.ids if hasattr(g, "ids") else g), max_members) for g in rows)
+        _, axes = plt.subplots(len(rows), 1, figsize=(1.5 * width + 0.5, 2.0 * len(rows)), squeeze=False)
+        axes = list(axes[:, 0])
+    marked = {str(p) for p in remove}
+    for ax, group in zip(axes, rows):
+        ids = list(group.ids if hasattr(group, "ids") else group)[:max_members]
+        dists = list(getattr(group, "distances", [None] * len(ids)))[:max_members]
+        gap = thumb_size // 8
+        for i, (p, d) in enumerate(zip(ids, dists)):
+            x0 = i * (thumb_size + gap)
+            ax.imshow(_thumb(p, thumb_size), extent=(x0, x0 + thumb_size, thumb_size, 0))
+            name = str(getattr(p, "name", p)).rsplit("/", 1)[-1][:18]
+            caption = "representative" if i == 0 else (f"{d:.3f}" if d is not None else "")
+            if str(p) in marked:
+                caption += " remove?"
+            ax.text(x0 + thumb_size / 2, thumb_size + 4, f"{caption}\n{name}", ha="center", va="top", fontsize=7)
+        ax.set_xlim(-2, len(ids) * (thumb_size + gap))
+        ax.set_ylim(thumb_size + 36, -2)
+        ax.set_axis_off()
+    return axes
