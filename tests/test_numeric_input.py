@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from utils_cv.similarity import data, index, metrics, rerank
+from utils_cv.similarity import data, index, index_tuning, metrics, rerank
 from utils_cv.similarity.index import SimilarityIndex
 
 rng = np.random.default_rng(0)
@@ -49,7 +49,8 @@ CASES = [
     (lambda: data.split_by_class(list(range(20)), Y, test_classes=0.0), "'test_classes'"),
     (lambda: rerank.k_reciprocal_rerank(NAN, X, k1=3, k2=2), "'query'.*NaN"),
     (lambda: rerank.k_reciprocal_rerank(X[:0], X, k1=3, k2=2), "'query'"),
-    (lambda: index.clustered_vectors(-1, 4), "'n'"),
+    (lambda: index_tuning.clustered_vectors(-1, 4), "'n'"),
+    (lambda: SimilarityIndex.build(np.zeros((3, 0), np.float32), range(3)), "'features'.*0 columns"),
 ]
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from utils_cv.similarity import index
+from utils_cv.similarity import index, index_tuning
 from utils_cv.similarity.rerank import k_reciprocal_rerank
 
 
@@ -40,7 +40,7 @@ def _direct(q, g, k1, k2, lam):
 
 @pytest.mark.parametrize("k1,k2,lam", [(20, 6, 0.3), (5, 1, 0.0), (8, 3, 0.7)])
 def test_matches_the_direct_dense_computation(k1, k2, lam):
-    x = index.clustered_vectors(90, 8, clusters=6, noise=0.4, seed=1)
+    x = index_tuning.clustered_vectors(90, 8, clusters=6, noise=0.4, seed=1)
     q, g = x[:25], x[25:]
     np.testing.assert_allclose(k_reciprocal_rerank(q, g, k1, k2, lam), _direct(q, g, k1, k2, lam), atol=2e-5)
 
@@ -48,14 +48,14 @@ def test_matches_the_direct_dense_computation(k1, k2, lam):
 def test_blocks_give_the_same_answer(monkeypatch):
     from utils_cv.similarity import rerank
 
-    x = index.clustered_vectors(120, 16, clusters=5, seed=2)
+    x = index_tuning.clustered_vectors(120, 16, clusters=5, seed=2)
     full = k_reciprocal_rerank(x[:30], x[30:], k1=10)
     monkeypatch.setattr(rerank, "_BLOCK_BYTES", 4 * 120 * 3)  # three rows per block
     np.testing.assert_array_equal(k_reciprocal_rerank(x[:30], x[30:], k1=10), full)
 
 
 def test_lambda_one_is_the_original_ranking():
-    x = index.clustered_vectors(60, 8, clusters=4, seed=3)
+    x = index_tuning.clustered_vectors(60, 8, clusters=4, seed=3)
     q, g = x[:10], x[10:]
     D, I = index.knn(q, g, len(g))
     rr = k_reciprocal_rerank(q, g, k1=6, k2=1, lambda_value=1.0)
@@ -98,7 +98,7 @@ def test_bad_arguments():
 
 
 def test_leave_one_out_mode_is_the_query_set_against_itself():
-    x = index.clustered_vectors(70, 8, clusters=5, noise=0.4, seed=4)
+    x = index_tuning.clustered_vectors(70, 8, clusters=5, noise=0.4, seed=4)
     rr = k_reciprocal_rerank(x, k1=8, k2=3)
     assert rr.shape == (70, 70)
     np.testing.assert_allclose(np.diag(rr), 0.0, atol=1e-6)  # itself: Jaccard 0, distance 0

@@ -178,7 +178,7 @@ def plot_recall_at_k(results: dict, ax=None, max_k: int = 20):
 
 def plot_recall_vs_speed(rows: Sequence[dict], ax=None, k: int = 10, target: float | None = 0.95):
     """Recall@k against queries per second, one line per backend (rows from
-    ``index.sweep_search_params`` or ``SimilarityIndex.recommend(...)["table"]``).
+    ``index_tuning.sweep_search_params`` or ``index_tuning.recommend(...)["table"]``).
 
     Up and to the right is better; ``target`` draws the recall goal as a dashed line.
 
@@ -188,7 +188,7 @@ def plot_recall_vs_speed(rows: Sequence[dict], ax=None, k: int = 10, target: flo
     import matplotlib.pyplot as plt
 
     if not rows:
-        raise ValueError("The 'rows' parameter is empty: pass what index.sweep_search_params returned.")
+        raise ValueError("The 'rows' parameter is empty: pass what index_tuning.sweep_search_params returned.")
     key = f"recall@{k}"
     missing = [r for r in rows if key not in r or "qps" not in r]
     if missing:
