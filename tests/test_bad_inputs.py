@@ -67,14 +67,18 @@ def make_corpus(root: Path) -> dict[str, str]:
     exif = rotated.getexif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     rotated.save(sq / "exif_rotated.jpg", exif=exif)
+    photo.save(sq / "tiff_photo.tif")
+    photo.save(sq / "animated.gif", save_all=True, append_images=[photo.rotate(90)])
     for name in ("cmyk.jpg", "sixteen_bit.png", "palette.png", "gray.jpg", "rgba.png", "one_pixel.png",
-                 "exif_rotated.jpg"):
+                 "exif_rotated.jpg", "tiff_photo.tif", "animated.gif"):
         expect[name] = "use"
     st = root / "stripes"
     os.symlink(st / "loop_b.jpg", st / "loop_a.jpg")  # a symlink loop: a -> b -> a
     os.symlink(st / "loop_a.jpg", st / "loop_b.jpg")
     expect["loop_a.jpg"] = expect["loop_b.jpg"] = "skip"
-    os.symlink(root, st / "folder_loop")  # a folder link back to the root: not followed
+    os.symlink(root, st / "folder_loop")  # a folder link back to the root: a loop, read once
+    os.mkfifo(st / "pipe.jpg")  # opening it would wait for a writer forever
+    expect["pipe.jpg"] = "skip"
     locked = st / "no_permission.jpg"
     photo.save(locked)
     os.chmod(locked, 0)
@@ -97,6 +101,7 @@ def corpus(tmp_path):
     for p in root.rglob("*"):
         if p.is_file() and not p.is_symlink():
             os.chmod(p, 0o644)
+    (root / "stripes" / "pipe.jpg").unlink()
 
 
 def test_scan_uses_or_skips_each_file_with_a_reason(corpus, caplog):
@@ -112,7 +117,9 @@ def test_scan_uses_or_skips_each_file_with_a_reason(corpus, caplog):
             assert name in skipped and skipped[name], name
             assert name in caplog.text or repr(name) in caplog.text
     assert "too large" in skipped["bomb.png"]
-    assert not any("folder_loop" in str(p) for p in scan.paths), "links to folders are not followed"
+    assert "not a regular file" in skipped["pipe.jpg"]
+    assert not any("folder_loop" in str(p) for p in scan.paths), "a link back to the root is not read twice"
+    assert "link loop" in skipped["folder_loop"]
     assert len(scan.paths) == 9 + sum(v == "use" for v in expect.values())
     assert set(scan.labels) == {"circles", "squares", "stripes", "single"}, "an empty class folder is not a class"
 
@@ -134,9 +141,11 @@ def test_one_bad_file_never_aborts_feature_extraction(corpus, caplog):
     scan = data.scan_images(root, decode=False)  # header check only: truncated files get through
     net, transform = model.create_backbone("efficientnet_lite0", pretrained=False, image_size=32)
     with caplog.at_level(logging.WARNING):
-        feats, kept = features.extract_features(net, scan.paths, transform, batch_size=4, progress=False,
-                                                on_error="skip")
+        result = features.FeatureExtractor(net, transform, batch_size=4).extract(scan.paths, on_error="skip",
+                                                                               progress=False)
+    feats, kept = result.features, result.kept
     dropped = {scan.paths[i].name for i in set(range(len(scan.paths))) - set(kept.tolist())}
+    assert {p.name for p, _ in result.skipped} == dropped
     assert dropped <= {n for n, w in expect.items() if w == "skip"}
     assert "truncated.jpg" in dropped or "truncated.jpg" not in {p.name for p in scan.paths}
     assert len(feats) == len(kept) and np.isfinite(feats).all()
@@ -150,6 +159,6 @@ def test_training_skips_undecodable_images_and_reports_them(corpus, caplog):
     with caplog.at_level(logging.WARNING):
         learner = train.create_learner(scan.paths, scan.labels, pretrained=False, image_size=32, batch_size=4,
                                        valid=0.25, validate_every_epoch=False)
-    assert {p.name for p, _ in learner.skipped} >= {"truncated.jpg"}
     assert "truncated.jpg" in caplog.text
-    train.fine_tune(learner, 1, freeze_epochs=0, progress=False)  # runs to the end
+    result = train.fine_tune(learner, 1, freeze_epochs=0, progress=False)  # runs to the end
+    assert {p.name for p, _ in result.skipped} >= {"truncated.jpg"}

@@ -1,7 +1,12 @@
-"""Where files live (cache, outputs) and how they are written (atomically)."""
+"""Where files live (cache, outputs), how they are written (atomically) and fingerprinted.
+
+:func:`sha256sum` is the one file checksum of the project: downloads, saved indexes and
+model checkpoints all use it, so a digest written by one can be checked by another.
+"""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -9,6 +14,8 @@ from typing import Iterator
 
 CACHE_ENV = "UTILS_CV_CACHE"
 OFFLINE_ENV = "UTILS_CV_OFFLINE"
+
+__all__ = ["CACHE_ENV", "OFFLINE_ENV", "atomic_write", "cache_dir", "offline", "sha256sum"]
 
 
 def cache_dir(*parts: str) -> Path:
@@ -30,6 +37,15 @@ def cache_dir(*parts: str) -> Path:
 def offline() -> bool:
     """True when ``$UTILS_CV_OFFLINE`` is set to a true value: no download is attempted."""
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def sha256sum(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """The hex SHA-256 of the file at ``path``, read in chunks (constant memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_size), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _target_mode(path: Path) -> int:

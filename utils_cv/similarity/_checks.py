@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DISTANCES", "as_matrix", "check_distance", "positive_int"]
+__all__ = ["DISTANCES", "as_matrix", "check_distance", "check_labels", "positive_int", "positive_int_text"]
 
 DISTANCES = ("l2", "cosine")
 
@@ -39,33 +39,75 @@ def check_distance(distance: str) -> None:
         raise ValueError(f"The 'distance' parameter must be one of {set(DISTANCES)}. Got {distance!r} instead.")
 
 
-def _missing(value) -> bool:
-    if value is None:
+_LAYOUT_HINT = ("lay the image folder out with one sub-folder per class (root/<class name>/<image>) and list it "
+                "with data.list_images(root), or pass one label per item")
+
+
+def _is_missing(x) -> bool:
+    if x is None:
         return True
+    if isinstance(x, (str, bytes)):
+        return not x.strip()
     try:
-        return bool(value != value)  # NaN (float, numpy, pandas) is the only value unequal to itself
-    except (TypeError, ValueError):
-        return False
+        return bool(x != x)  # NaN, NaT
+    except TypeError:  # pd.NA: comparing it gives NA, which refuses bool()
+        return True
 
 
 def check_labels(labels, name: str = "labels", n: int | None = None) -> np.ndarray:
-    """``labels`` as a 1-D numpy array, with one rule for missing labels everywhere: ``None``
-    and NaN are refused with a ValueError naming the parameter and the first position (an
-    unlabelled image belongs in a plain folder, not in a labelled evaluation). ``n``: the
-    number of rows the labels must match."""
-    arr = np.asarray(labels, dtype=object) if not isinstance(labels, np.ndarray) else labels
-    if arr.ndim != 1:
-        raise ValueError(f"The {name!r} parameter must be a 1-D sequence of labels. Got shape {arr.shape}.")
+    """``labels`` as a 1-D array, after checking that none is missing.
+
+    Args:
+        labels: one class label per item (list, tuple, array, pandas Series).
+        name: the parameter name the error messages use.
+        n: when given, the number of labels required (one per row of the features).
+
+    Raises:
+        ValueError: ``labels`` is None (a plain folder has no labels: the message says how
+            to lay the folder out), empty, not 1-D, or holds a missing label (None, NaN,
+            ``pd.NA``, NaT, an empty or blank string); the message gives the first position.
+    """
+    if labels is None:
+        raise ValueError(f"The {name!r} parameter is None, but this needs class labels: {_LAYOUT_HINT}.")
+    if isinstance(labels, (str, bytes)):
+        raise ValueError(f"The {name!r} parameter must be a sequence of labels, one per item. Got a string.")
+    if isinstance(labels, np.ndarray):
+        arr = labels
+    else:
+        try:
+            items = list(labels)
+        except TypeError:
+            raise ValueError(f"The {name!r} parameter must be a sequence of labels, one per item. "
+                             f"Got {type(labels).__name__}.") from None
+        _raise_on_missing(items, name)  # before np.asarray, which turns NaN among strings into 'nan'
+        arr = np.asarray(items)
+    if arr.ndim != 1 or len(arr) == 0:
+        raise ValueError(f"The {name!r} parameter must be a non-empty 1-D sequence of labels. Got shape {arr.shape}.")
     if n is not None and len(arr) != n:
         raise ValueError(f"The {name!r} parameter must hold one label per row ({n}); got {len(arr)}.")
-    if arr.dtype == object or np.issubdtype(arr.dtype, np.floating):
-        for i, value in enumerate(arr.tolist()):
-            if _missing(value):
-                raise ValueError(f"The {name!r} parameter has a missing label ({value!r}) at position {i}: "
-                                 "every item needs a label (drop unlabelled items first).")
-    if arr.dtype == object:  # back to a plain array of the values (str labels become '<U..')
-        arr = np.asarray(arr.tolist())
+    if arr.dtype.kind == "f":
+        _raise_at(np.flatnonzero(np.isnan(arr)), arr, name)
+    elif arr.dtype.kind in "mM":
+        _raise_at(np.flatnonzero(np.isnat(arr)), arr, name)
+    elif arr.dtype.kind in "US":
+        _raise_at(np.flatnonzero(np.char.strip(arr) == arr.dtype.type("")), arr, name)
+    elif arr.dtype.kind == "O":
+        _raise_on_missing(arr, name)
     return arr
+
+
+def _raise_on_missing(items, name: str) -> None:
+    for i, x in enumerate(items):
+        if _is_missing(x):
+            _raise_at([i], items, name)
+
+
+def _raise_at(bad, items, name: str) -> None:
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"The {name!r} parameter has a missing label ({items[i]!r}) at position {i}"
+                         f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}; every item needs a class label. "
+                         "Drop the unlabelled items (and their paths or features) first.")
 
 
 def positive_int_text(text: str) -> int:

@@ -176,7 +176,7 @@ def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str |
         raise ValueError(f"The output folder {str(out)!r} lies inside the image folder {str(root)!r}: choose "
                          "another place (the image folder is only ever read).")
     spec = model_spec(model, backbone, weights)
-    scan = data_mod.scan_images(root)
+    scan = data_mod.scan_images(root, labelled=False)
     skipped = [(str(p), r) for p, r in scan.skipped]
     old_rows: dict[str, tuple[dict, np.ndarray]] = {}
     if (out / "collection.json").is_file():

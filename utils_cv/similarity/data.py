@@ -1,32 +1,55 @@
 """Image folders: listing images with their labels, loading them the same way everywhere.
 
-A data set is a folder with one sub-folder per class (``root/<label>/.../image.jpg``). The
-label of an image is the first sub-folder under ``root``; deeper folders are searched too.
+Two layouts are read:
+
+* labelled: one sub-folder per class (``root/<label>/.../image.jpg``); the label of an image
+  is the first sub-folder under ``root``, deeper folders are searched too;
+* plain: images directly in ``root`` (and possibly below), no labels (``None``); what does
+  not need labels (features, index, search, duplicates) works on it.
+
+A folder holding images at the top *and* in sub-folders is read as labelled (the sub-folders
+name the classes) and the top-level images are skipped with that reason: the data sets this
+library ships and reads are laid out that way, and a stray file beside the class folders is
+more likely than a photo collection whose sub-folders are not classes. ``labelled=False``
+takes every image without labels.
+
+Only regular files are opened (a FIFO named ``photo.jpg`` would block a reader forever);
+symbolic links to files and folders are followed, each real folder is visited once, so a
+link loop ends. Everything left out is listed with its reason.
 """
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, features as pil_features
+
+from utils_cv.similarity.splits import ComparativeSet, check_labels, comparative_sets, split_by_class, split_by_image
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-_PIL_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP"}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".heif", ".avif")
+_HEIF_EXTENSIONS = (".heic", ".heif", ".avif")
+_PIL_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF", "GIF", "HEIF", "AVIF"}
+NEAR_CONSTANT_STD = 2.0  # grey levels (0-255); below this an image shows next to nothing
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ComparativeSet",
     "ImageScan",
-    "decodable",
+    "check_labels",
     "comparative_sets",
+    "decodable",
     "default_dataset",
+    "is_near_constant",
     "list_images",
     "load_image",
     "scan_images",
@@ -37,106 +60,220 @@ __all__ = [
 
 @dataclass
 class ImageScan:
-    """What :func:`scan_images` found: aligned ``paths`` and ``labels``, and what it skipped."""
+    """What :func:`scan_images` found: aligned ``paths`` and ``labels`` (None for a plain
+    folder), what it skipped and why, and the images it kept that show next to nothing."""
 
     paths: list[Path]
-    labels: list[str]
+    labels: list[str] | None
     skipped: list[tuple[Path, str]] = field(default_factory=list)  # (path, reason)
+    near_constant: list[Path] = field(default_factory=list)
 
     @property
     def classes(self) -> list[str]:
-        return sorted(set(self.labels))
+        return sorted(set(self.labels)) if self.labels is not None else []
+
+
+@functools.lru_cache(maxsize=None)
+def _heif_support() -> bool:
+    """Register pillow-heif's HEIC/AVIF openers the first time such a file is met (an
+    optional extra: importing it costs time and most folders hold no HEIC)."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    if not pil_features.check("avif") and hasattr(pillow_heif, "register_avif_opener"):
+        pillow_heif.register_avif_opener()
+    return True
+
+
+def _missing_codec(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix not in _HEIF_EXTENSIONS or _heif_support() or (suffix == ".avif" and pil_features.check("avif")):
+        return None
+    return "HEIC/HEIF/AVIF images need the pillow-heif package (pip install pillow-heif)"
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+def _open_regular(path) -> BinaryIO:
+    """Open ``path`` for reading only if it is a regular file. O_NONBLOCK makes opening a
+    FIFO return at once (instead of waiting for a writer) so it can be refused."""
+    f = open(path, "rb", opener=lambda name, flags: os.open(name, flags | getattr(os, "O_NONBLOCK", 0)))
+    try:
+        mode = os.fstat(f.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"a {_file_kind(mode)}, not a regular file", str(path))
+    except BaseException:
+        f.close()
+        raise
+    return f
 
 
 def _check_header(path: Path, decode: bool = False) -> str | None:
     """None when ``path`` opens as a supported image, else the reason it does not.
 
     ``decode``: also decode the pixels (catches truncated files whose header is intact)."""
+    missing = _missing_codec(path)
+    if missing:
+        return missing
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with _open_regular(path) as f, Image.open(f) as im:
                 fmt = im.format
                 w, h = im.size
                 if decode and fmt in _PIL_FORMATS:
                     im.load()
-    except Image.DecompressionBombError as exc:
-        return f"too large to decode safely ({exc})"
-    except Image.DecompressionBombWarning as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return f"too large to decode safely ({exc})"
     except PermissionError:
         return "no permission to read it"
     except Exception as exc:  # noqa: BLE001 - any decoder failure means 'not an image we can use'
         return f"not a readable image ({type(exc).__name__}: {exc})"
     if fmt not in _PIL_FORMATS:
-        return f"unsupported image format {fmt!r} (supported: JPEG, PNG, WebP, BMP)"
+        return f"unsupported image format {fmt!r} (supported: {', '.join(sorted(_PIL_FORMATS))})"
     if w < 1 or h < 1:
         return "empty image"
     return None
 
 
-def scan_images(root: str | os.PathLike, check: bool = True, decode: bool = False) -> ImageScan:
+def _walk(root: Path, skipped: list) -> list[Path]:
+    """Regular files under ``root`` with an image extension, in ``os.walk`` order (a folder's
+    files by name, then its sub-folders by name). Links are followed; each real folder is
+    visited once. Other entries go to ``skipped`` with their reason."""
+    found: list[Path] = []
+    seen: dict[tuple[int, int], Path] = {}
+
+    def visit(folder: Path, key: tuple[int, int]) -> None:
+        seen[key] = folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append((folder, f"cannot list this folder ({exc.strerror})"))
+            return
+        folders = []
+        for entry in entries:
+            path = folder / entry.name
+            try:
+                st = os.stat(path)  # follows links: the type of what the link points to
+            except OSError as exc:
+                reason = {errno.ELOOP: "symbolic link loop", errno.ENOENT: "broken symbolic link (target missing)"}
+                skipped.append((path, reason.get(exc.errno, f"cannot read it ({exc.strerror})")))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                folders.append((path, (st.st_dev, st.st_ino)))
+            elif not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                if not entry.name.startswith("."):
+                    skipped.append((path, f"extension not in {', '.join(IMAGE_EXTENSIONS)}"))
+            elif not stat.S_ISREG(st.st_mode):
+                skipped.append((path, f"a {_file_kind(st.st_mode)}, not a regular file; only regular files are read"))
+            else:
+                found.append(path)
+        for path, sub_key in folders:
+            if sub_key in seen:
+                skipped.append((path, f"the folder {str(seen[sub_key])!r} again (a link loop or a second link to "
+                                      "it); read once"))
+            else:
+                visit(path, sub_key)
+
+    st = os.stat(root)
+    visit(root, (st.st_dev, st.st_ino))
+    return found
+
+
+def scan_images(root: str | os.PathLike, check: bool = True, decode: bool = False,
+                labelled: bool | None = None) -> ImageScan:
     """List the images under ``root`` with their labels, recording what was skipped and why.
 
     Args:
-        root: folder with one sub-folder per class.
+        root: a folder with one sub-folder per class, or a plain folder of images.
         check: open each file's header and skip those that are not readable images.
         decode: also decode every image (slower; catches truncated files whose header is
-            intact, which the header check lets through).
+            intact, which the header check lets through) and report the near-constant ones
+            (``ImageScan.near_constant``: kept, but e.g. blank after compositing on white).
+        labelled: None reads the layout from the folder (see the module docstring); True
+            requires class sub-folders; False lists every image below ``root`` without labels.
 
     Raises:
         FileNotFoundError: ``root`` does not exist or is not a folder.
-        ValueError: no usable image was found.
+        ValueError: no usable image was found, or ``labelled=True`` and no class sub-folder
+            holds an image.
     """
     root = Path(root).expanduser()
     if not root.exists():
-        raise FileNotFoundError(f"Image folder {str(root)!r} does not exist. Pass a folder with one sub-folder per class.")
+        raise FileNotFoundError(f"Image folder {str(root)!r} does not exist. Pass a folder of images, or one with "
+                                "one sub-folder per class.")
     if not root.is_dir():
-        raise FileNotFoundError(f"{str(root)!r} is a file, not a folder. Pass a folder with one sub-folder per class.")
-    paths, labels, skipped = [], [], []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        here = Path(dirpath)
-        rel = here.relative_to(root)
-        for name in sorted(filenames):
-            path = here / name
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
-                if not name.startswith("."):
-                    skipped.append((path, f"extension not in {', '.join(IMAGE_EXTENSIONS)}"))
-                continue
-            if not rel.parts:
-                skipped.append((path, "lies directly in the root folder; put it in a sub-folder named after its class"))
-                continue
-            reason = _check_header(path, decode) if (check or decode) else None
-            if reason:
-                skipped.append((path, reason))
-                continue
-            paths.append(path)
-            labels.append(rel.parts[0])
+        raise FileNotFoundError(f"{str(root)!r} is a file, not a folder. Pass a folder of images, or one with "
+                                "one sub-folder per class.")
+    if labelled not in (None, True, False):
+        raise ValueError(f"The 'labelled' parameter must be None, True or False. Got {labelled!r} instead.")
+    skipped: list[tuple[Path, str]] = []
+    candidates = _walk(root, skipped)
+    at_top = [len(p.relative_to(root).parts) == 1 for p in candidates]
+    if labelled is None:
+        labelled = not all(at_top) if candidates else True
+    if labelled is True and candidates and all(at_top):
+        raise ValueError(f"{str(root)!r} has no class sub-folder with images. Lay a labelled folder out as "
+                         f"{root}/<class name>/<image>, one sub-folder per class, or pass labelled=False.")
+    paths, labels, near_constant = [], [], []
+    for path, top in zip(candidates, at_top):
+        if labelled and top:
+            skipped.append((path, "lies directly in the root folder beside the class sub-folders; move it into a "
+                                  "sub-folder named after its class, or list with labelled=False"))
+            continue
+        reason = _check_header(path, decode) if (check or decode) else None
+        if reason:
+            skipped.append((path, reason))
+            continue
+        if decode and is_near_constant(load_image(path)):
+            near_constant.append(path)
+        paths.append(path)
+        labels.append(path.relative_to(root).parts[0])
     for path, reason in skipped:
         logger.warning("skipped %s: %s", path, reason)
+    for path in near_constant:
+        logger.warning("kept %s, but it is near-constant (shows next to nothing after compositing on white)", path)
     if not paths:
         raise ValueError(
-            f"No usable image found under {str(root)!r} ({len(skipped)} file(s) skipped). "
-            f"Expected {root}/<class name>/<image>{'|'.join(IMAGE_EXTENSIONS)}."
+            f"No usable image found under {str(root)!r} ({len(skipped)} file(s) skipped). Expected images "
+            f"({'|'.join(IMAGE_EXTENSIONS)}) in {root} or in {root}/<class name>/."
         )
-    logger.info("found %d images in %d classes under %s (%d skipped)", len(paths), len(set(labels)), root, len(skipped))
-    return ImageScan(paths, labels, skipped)
+    if labelled:
+        logger.info("found %d images in %d classes under %s (%d skipped)", len(paths), len(set(labels)), root,
+                    len(skipped))
+    else:
+        logger.info("found %d images (no labels) under %s (%d skipped)", len(paths), root, len(skipped))
+    return ImageScan(paths, labels if labelled else None, skipped, near_constant)
 
 
-def list_images(root: str | os.PathLike) -> tuple[list[Path], list[str]]:
-    """Images under ``root`` and their labels (the first sub-folder's name), sorted by path.
+def list_images(root: str | os.PathLike, labelled: bool | None = None) -> tuple[list[Path], list[str] | None]:
+    """Images under ``root`` and their labels (the first sub-folder's name), or None for a
+    plain folder of images (see the module docstring for the layouts and ``labelled``).
 
-    Unreadable or non-image files are skipped and reported through ``logging`` with their
-    path and the reason; :func:`scan_images` also returns that list.
+    Unreadable, non-image and non-regular files are skipped and reported through
+    ``logging`` with their path and the reason; :func:`scan_images` also returns that list.
     """
-    scan = scan_images(root)
+    scan = scan_images(root, labelled=labelled)
     return scan.paths, scan.labels
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image as a person sees it: EXIF rotation applied, transparency on white, RGB."""
-    with Image.open(path) as im:
+    """Open an image as a person sees it: EXIF rotation applied, transparency on white, RGB.
+
+    Only regular files are opened; GIF and multi-page TIFF give their first frame.
+    """
+    missing = _missing_codec(Path(path))
+    if missing:
+        raise ValueError(f"Cannot read {str(path)!r}: {missing}.")
+    with _open_regular(path) as f, Image.open(f) as im:
         im = ImageOps.exif_transpose(im)
         if im.mode in ("P", "PA") and ("transparency" in im.info or im.mode == "PA"):
             im = im.convert("RGBA")
@@ -145,11 +282,23 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         if im.mode == "RGBA":
             background = Image.new("RGBA", im.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, im).convert("RGB")
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(im, dtype=np.float32)
-            peak = 65535.0 if arr.max() > 255 else 255.0
+        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            arr = np.nan_to_num(np.asarray(im, dtype=np.float32))
+            if im.mode == "F":  # float pixels: [0, 1] or [0, 255]
+                peak = 1.0 if arr.max() <= 1.0 else 255.0
+            else:
+                peak = 65535.0 if arr.max() > 255 else 255.0
             return Image.fromarray((arr / peak * 255).clip(0, 255).astype(np.uint8)).convert("RGB")
         return im.convert("RGB")
+
+
+def is_near_constant(image: Image.Image, tolerance: float = NEAR_CONSTANT_STD) -> bool:
+    """True when ``image`` (as :func:`load_image` gives it) shows next to nothing: the
+    standard deviation of its grey levels, on a copy reduced to at most 64 px, is below
+    ``tolerance``. A transparent PNG that composites to blank white is the usual case."""
+    small = image.convert("RGB")
+    small.thumbnail((64, 64), Image.Resampling.BOX)
+    return float(np.asarray(small, dtype=np.float32).std()) < tolerance
 
 
 def default_dataset() -> Path:
@@ -167,125 +316,7 @@ def default_dataset() -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------- splits
-def _label_array(labels, name: str = "labels") -> np.ndarray:
-    arr = np.asarray(labels)
-    if arr.ndim != 1 or len(arr) == 0:
-        raise ValueError(f"The {name!r} parameter must be a non-empty sequence of labels. Got shape {arr.shape}.")
-    return arr
-
-
-def split_by_image(paths, labels, test_size: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified split of images: each class keeps about ``test_size`` of its images for test.
-
-    Every class with at least 2 images has at least one image on each side. Returns sorted
-    int64 index arrays ``(train_idx, test_idx)``; the same seed gives the same split.
-    """
-    y = _label_array(labels)
-    if len(paths) != len(y):
-        raise ValueError(f"'paths' has {len(paths)} items but 'labels' has {len(y)}: they must be aligned.")
-    if not 0.0 < test_size < 1.0:
-        raise ValueError(f"The 'test_size' parameter must be in (0, 1). Got {test_size!r} instead.")
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for c in np.unique(y):
-        idx = rng.permutation(np.nonzero(y == c)[0])
-        n_test = int(round(test_size * len(idx)))
-        if len(idx) >= 2:
-            n_test = min(max(n_test, 1), len(idx) - 1)
-        test += idx[:n_test].tolist()
-        train += idx[n_test:].tolist()
-    return np.array(sorted(train), dtype=np.int64), np.array(sorted(test), dtype=np.int64)
-
-
-def split_by_class(paths, labels, test_classes: float | int | Sequence = 0.5, seed: int = 0,
-                   by_name: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Split by class (the metric-learning protocol): train and test share no class.
-
-    Args:
-        test_classes: share of classes for test (float in (0, 1)), their number (int), or
-            the test class names themselves.
-        seed: picks the test classes at random (when given as a share or a number).
-        by_name: instead of a random pick, the last classes in name order are the test
-            classes: the convention of CUB-200-2011, Cars-196 and Stanford Online Products,
-            whose folders are numbered by class id (the first 100 of CUB's 200 train).
-
-    Returns:
-        Sorted int64 index arrays ``(train_idx, test_idx)``.
-    """
-    y = _label_array(labels)
-    if len(paths) != len(y):
-        raise ValueError(f"'paths' has {len(paths)} items but 'labels' has {len(y)}: they must be aligned.")
-    classes = np.unique(y)
-    if len(classes) < 2:
-        raise ValueError("split_by_class needs at least 2 classes.")
-    if isinstance(test_classes, (list, tuple, set, np.ndarray)):
-        chosen = set(test_classes)
-        unknown = chosen - set(classes.tolist())
-        if unknown:
-            raise ValueError(f"The 'test_classes' parameter names unknown classes {sorted(unknown)}.")
-    else:
-        if isinstance(test_classes, float):
-            if not 0.0 < test_classes < 1.0:
-                raise ValueError(f"The 'test_classes' parameter as a share must be in (0, 1). Got {test_classes!r}.")
-            n = int(round(test_classes * len(classes)))
-        else:
-            n = int(test_classes)
-        n = min(max(n, 1), len(classes) - 1)
-        order = np.sort(classes)[::-1] if by_name else np.random.default_rng(seed).permutation(classes)
-        chosen = set(order[:n].tolist())
-    is_test = np.isin(y, list(chosen))
-    if is_test.all() or not is_test.any():
-        raise ValueError("split_by_class would leave train or test empty; choose fewer test classes.")
-    return np.nonzero(~is_test)[0].astype(np.int64), np.nonzero(is_test)[0].astype(np.int64)
-
-
-@dataclass(frozen=True)
-class ComparativeSet:
-    """One query image, one positive (same class) and N negatives (other classes), as indices."""
-
-    query: int
-    positive: int
-    negatives: np.ndarray
-
-
-def comparative_sets(labels, num_negatives: int = 99, seed: int = 0) -> list[ComparativeSet]:
-    """One comparative set per image: the image as query, a random other image of its class as
-    positive, ``num_negatives`` images of other classes drawn without replacement.
-
-    Raises:
-        ValueError: a class has a single image (no positive) or fewer than
-            ``num_negatives`` images lie outside some class.
-    """
-    y = _label_array(labels)
-    if not isinstance(num_negatives, (int, np.integer)) or num_negatives < 1:
-        raise ValueError(f"The 'num_negatives' parameter must be a positive integer. Got {num_negatives!r} instead.")
-    classes, counts = np.unique(y, return_counts=True)
-    single = classes[counts < 2]
-    if len(single):
-        raise ValueError(
-            f"Classes {single.tolist()[:5]} have a single image, so their queries have no positive; "
-            "add images or leave those classes out."
-        )
-    short = [c for c, n in zip(classes, counts) if len(y) - n < num_negatives]
-    if short:
-        raise ValueError(
-            f"Only {len(y) - counts[classes.tolist().index(short[0])]} images lie outside class {short[0]!r}, "
-            f"fewer than num_negatives={num_negatives}; lower 'num_negatives'."
-        )
-    rng = np.random.default_rng(seed)
-    by_class = {c: np.nonzero(y == c)[0] for c in classes}
-    others = {c: np.nonzero(y != c)[0] for c in classes}
-    sets = []
-    for i, c in enumerate(y):
-        same = by_class[c]
-        positive = int(rng.choice(same[same != i]))
-        negatives = rng.choice(others[c], size=num_negatives, replace=False)
-        sets.append(ComparativeSet(i, positive, negatives.astype(np.int64)))
-    return sets
-
-
-def decodable(paths: Sequence, labels: Sequence | None = None):
+def decodable(paths, labels=None):
     """Keep the images that decode fully; log and return the others.
 
     Returns:

@@ -63,6 +63,8 @@ def relevant_ranks(query, query_labels, reference=None, reference_labels=None, d
     """
     check_distance(distance)
     q = as_matrix(query, "query")
+    if len(q) == 0:
+        raise ValueError("The 'query' parameter is empty.")
     y_q = _labels(query_labels, len(q), "query_labels")
     loo = reference is None
     if loo:
