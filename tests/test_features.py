@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from utils_cv.similarity import data, features, model
 
@@ -19,20 +21,64 @@ def test_features_are_normalised_and_aligned(image_folder, tiny_backbone):
     np.testing.assert_allclose(again[::-1], feats, atol=1e-5)
 
 
-def test_in_memory_images_match_files(image_folder, tiny_backbone):
-    net, transform = tiny_backbone
+def _state(net):
+    return {k: (v.clone(), v.stride(), v.device, v.requires_grad) for k, v in net.named_parameters()}
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_the_callers_model_is_left_exactly_as_it_was(image_folder, training):
+    net, transform = model.create_backbone(pretrained=False, image_size=64)
+    net.train(training)
+    before, attrs = _state(net), dict(net.__dict__)
+    buffers = {k: v.clone() for k, v in net.named_buffers()}
+    modes = {name: m.training for name, m in net.named_modules()}
     paths, _ = data.list_images(image_folder)
-    frames = [np.asarray(data.load_image(p)) for p in paths[:3]]
-    from_files = features.extract_features(net, paths[:3], transform, progress=False)
-    from_frames = features.extract_features(net, frames, transform, progress=False)
-    np.testing.assert_allclose(from_frames, from_files, atol=1e-5)
+    features.extract_features(net, paths[:4], transform, progress=False, device="cpu")
+    features.FeatureExtractor(net, transform).extract(paths[:4], progress=False)
+    after = _state(net)
+    assert before.keys() == after.keys()
+    for k, (value, stride, dev, grad) in before.items():
+        assert torch.equal(value, after[k][0]) and stride == after[k][1] and dev == after[k][2] and grad == after[k][3], k
+    assert net.conv_stem.weight.is_contiguous(), "not switched to channels_last"
+    assert dict(net.__dict__) == attrs and set(net.__dict__) == set(attrs)
+    assert all(torch.equal(v, buffers[k]) for k, v in net.named_buffers())
+    assert {name: m.training for name, m in net.named_modules()} == modes
+
+
+def test_extractor_is_a_snapshot_and_matches_the_one_call_form(image_folder, tiny_backbone):
+    net, transform = model.create_backbone(pretrained=False, image_size=64)
+    paths, _ = data.list_images(image_folder)
+    extractor = features.FeatureExtractor(net, transform, batch_size=5)
+    first = extractor.extract(paths, progress=False)
+    assert first.kept.tolist() == list(range(12)) and first.skipped == [] and first.kept.dtype == np.int64
+    np.testing.assert_allclose(first.features, features.extract_features(net, paths, transform, progress=False),
+                               atol=1e-6)
+    with torch.no_grad():
+        net.conv_head.weight.mul_(-1.5)
+    np.testing.assert_array_equal(extractor.extract(paths, progress=False).features, first.features)
+    assert not np.allclose(features.FeatureExtractor(net, transform).extract(paths, progress=False).features,
+                           first.features, atol=1e-3), "a new extractor sees the new weights"
+
+
+def test_prepared_copies_are_shared_while_unchanged_and_freed_with_the_model():
+    import gc
+    import weakref
+
+    net, transform = model.create_backbone(pretrained=False, image_size=64)
+    a, b = features.FeatureExtractor(net, transform), features.FeatureExtractor(net, transform, batch_size=3)
+    assert a._model is b._model, "repeated extract_features calls prepare the model once"
+    assert features.FeatureExtractor(net, transform, fold_bn=False)._model is not a._model
+    copy_ref = weakref.ref(a._model)
+    del a, b, net
+    gc.collect()
+    assert copy_ref() is None, "the side table does not keep a copy of a model that is gone"
 
 
 def test_undecodable_file_is_named(image_folder, tiny_backbone):
     net, transform = tiny_backbone
     bad = image_folder / "circles" / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff not really a jpeg")
-    with pytest.raises(features.ImageDecodeError, match="broken.jpg"):
+    with pytest.raises(features.ImageDecodeError, match="broken.jpg.*on_error='skip'"):
         features.extract_features(net, [bad], transform, num_workers=0, progress=False)
 
 
@@ -42,18 +88,22 @@ def test_skip_mode_returns_which_rows_exist(image_folder, tiny_backbone, caplog)
     bad = image_folder / "circles" / "zz_broken.jpg"
     bad.write_bytes(b"garbage")
     items = paths[:3] + [bad] + paths[3:5]
-    feats, kept = features.extract_features(net, items, transform, batch_size=2, progress=False, on_error="skip")
-    assert kept.tolist() == [0, 1, 2, 4, 5]
-    assert feats.shape == (5, 1280)
-    good = features.extract_features(net, [items[i] for i in kept], transform, progress=False)
-    np.testing.assert_allclose(feats, good, atol=1e-5)
+    result = features.FeatureExtractor(net, transform, batch_size=2).extract(items, on_error="skip", progress=False)
+    assert result.kept.tolist() == [0, 1, 2, 4, 5]
+    assert result.features.shape == (5, 1280)
+    assert [item for item, _ in result.skipped] == [bad] and "zz_broken.jpg" in result.skipped[0][1]
+    good = features.extract_features(net, [items[i] for i in result.kept], transform, progress=False)
+    np.testing.assert_allclose(result.features, good, atol=1e-5)
     assert "zz_broken.jpg" in caplog.text
+    with pytest.raises(ValueError, match=r"FeatureExtractor.*extract\(.*on_error='skip'\)"):
+        features.extract_features(net, items, transform, on_error="skip")
     with pytest.raises(ValueError, match="on_error"):
-        features.extract_features(net, items, transform, on_error="ignore")
+        features.FeatureExtractor(net, transform).extract(items, on_error="ignore")
+    nothing = features.FeatureExtractor(net, transform).extract([bad], on_error="skip", progress=False)
+    assert nothing.features.shape == (0, 1280) and nothing.kept.shape == (0,) and len(nothing.skipped) == 1
 
 
 def test_spatial_outputs_are_pooled(image_folder):
-    import torch
     from torch import nn
 
     body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())  # (B, 8, H, W) maps, like a CNN body
@@ -67,8 +117,6 @@ def test_spatial_outputs_are_pooled(image_folder):
 
 
 def test_folded_fast_path_matches_and_follows_weight_updates(image_folder):
-    import torch
-
     net, transform = model.create_backbone(pretrained=False, image_size=64)
     paths, _ = data.list_images(image_folder)
     fast = features.extract_features(net, paths, transform, progress=False)
@@ -79,4 +127,77 @@ def test_folded_fast_path_matches_and_follows_weight_updates(image_folder):
     after = features.extract_features(net, paths, transform, progress=False)
     np.testing.assert_allclose(after, features.extract_features(net, paths, transform, progress=False, fold_bn=False),
                                atol=1e-4)
-    assert not np.allclose(after, fast, atol=1e-3), "the cached folded copy must not outlive a weight change"
+    assert not np.allclose(after, fast, atol=1e-3), "a weight change is seen by the next call"
+
+
+# ---------------------------------------------------------------------------- in-memory images
+def _photo(w: int = 48, h: int = 32) -> np.ndarray:
+    """A non-square, asymmetric picture: a rotation or a lost alpha changes its pixels."""
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([x * 255 // w, y * 255 // h, (x * y) % 256], axis=-1).astype(np.uint8)
+    rgb[: h // 3, : w // 4] = (200, 30, 30)
+    return rgb
+
+
+def _cos_all(rows: np.ndarray) -> float:
+    return float((rows @ rows[0]).min())
+
+
+def test_same_pixels_same_features_whatever_the_container(tmp_path, tiny_backbone):
+    net, transform = tiny_backbone
+    rgb = _photo()
+    Image.fromarray(rgb).save(tmp_path / "p.png")
+    items = [tmp_path / "p.png", Image.fromarray(rgb), rgb, rgb.astype(np.float32) / 255.0,
+             rgb.astype(np.float64) / 255.0, np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])]
+    for item in items:
+        assert np.array_equal(np.asarray(features.to_rgb_image(item)), rgb)
+    feats = features.extract_features(net, items, transform, progress=False)
+    assert _cos_all(feats) >= 0.9999
+    np.testing.assert_allclose(feats, np.broadcast_to(feats[0], feats.shape), atol=1e-6)
+
+
+def test_transparency_is_composited_on_white_for_every_container(tmp_path, tiny_backbone):
+    net, transform = tiny_backbone
+    rgba = np.dstack([_photo(), np.zeros((32, 48), np.uint8)])
+    rgba[8:24, 12:36, 3] = 255  # opaque in the middle, transparent around
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    with Image.open(tmp_path / "a.png") as im:
+        im.load()
+    items = [tmp_path / "a.png", im, Image.fromarray(rgba, "RGBA"), rgba, rgba.astype(np.float32) / 255.0]
+    expected = np.asarray(data.load_image(tmp_path / "a.png"))
+    assert (expected[0, 0] == 255).all() and (expected[16, 20] == rgba[16, 20, :3]).all()
+    for item in items:
+        assert np.array_equal(np.asarray(features.to_rgb_image(item)), expected)
+    feats = features.extract_features(net, items, transform, progress=False)
+    assert _cos_all(feats) >= 0.9999
+    gray_alpha = np.dstack([rgba[..., 0], rgba[..., 3]])
+    assert (np.asarray(features.to_rgb_image(gray_alpha))[0, 0] == 255).all()
+
+
+def test_exif_orientation_is_applied_to_pil_images_as_to_files(tmp_path, tiny_backbone):
+    net, transform = tiny_backbone
+    im = Image.fromarray(_photo())
+    exif = im.getexif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    im.save(tmp_path / "r.jpg", exif=exif, quality=95)
+    with Image.open(tmp_path / "r.jpg") as opened:
+        assert opened.size == (48, 32)
+        as_pil = features.to_rgb_image(opened)
+        feats = features.extract_features(net, [tmp_path / "r.jpg", opened], transform, progress=False)
+        assert opened.size == (48, 32), "the caller's image is not changed"
+    assert as_pil.size == (32, 48)
+    assert np.array_equal(np.asarray(as_pil), np.asarray(data.load_image(tmp_path / "r.jpg")))
+    assert _cos_all(feats) >= 0.9999
+
+
+@pytest.mark.parametrize("array,match", [
+    (np.full((8, 8, 3), 2.0, np.float32), r"\[0, 1\].*astype\(np.uint8\)"),
+    (np.full((8, 8, 3), -0.5), r"\[0, 1\]"),
+    (np.full((8, 8, 3), np.nan, np.float32), "NaN"),
+    (np.full((8, 8, 3), 300, np.int32), r"\[0, 255\]"),
+    (np.zeros((3, 8, 8), np.uint8), "transpose"),
+    (np.zeros((8, 8, 3), bool), "dtype bool"),
+])
+def test_arrays_that_cannot_be_read_safely_are_refused(array, match):
+    with pytest.raises(ValueError, match=match):
+        features.to_rgb_image(array)

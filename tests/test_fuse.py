@@ -22,8 +22,10 @@ def test_folding_keeps_outputs_and_removes_batchnorm_passes():
         with torch.no_grad():
             torch.testing.assert_close(folded(x), net(x), atol=1e-4, rtol=1e-4)
         called = [n for n in folded.graph.nodes if n.op == "call_module"]
-        bns = [n for n in called if type(folded.get_submodule(n.target)) is nn.BatchNorm2d]
-        assert not bns, "plain batch norms after a convolution are gone from the graph"
+        bns = [n for n in called if isinstance(folded.get_submodule(n.target), nn.BatchNorm2d)]
+        # timm's BatchNormAct2d and the Conv2dSame of the stride-2 layers are subclasses:
+        # they fold too, not only exact (Conv2d, BatchNorm2d) pairs
+        assert not bns, "every batch norm after a convolution is gone from the graph"
         assert folded.feature_dim == net.feature_dim
 
 
@@ -42,3 +44,18 @@ def test_untraceable_or_unfoldable_models_come_back_unchanged():
     assert fuse.fold_batchnorm(m) is m
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
     assert fuse.fold_batchnorm(plain) is plain
+
+
+def test_folding_uses_public_apis_and_leaves_the_model_as_it_was():
+    import inspect
+
+    assert "_features_fx" not in inspect.getsource(fuse)
+    net = _perturb_bn(model.create_backbone("efficientnet_lite0", pretrained=False, image_size=64)[0]).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    folded = fuse.fold_batchnorm(net)
+    assert folded is not net and net.training and all(m.training for m in net.modules())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    assert not folded.training
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net.eval()(x), atol=1e-5, rtol=1e-5)

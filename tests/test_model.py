@@ -123,3 +123,65 @@ def test_weights_file_with_a_malicious_pickle_is_refused_unexecuted(tmp_path):
     with pytest.raises(ValueError, match="evil.pth.*not a readable weights file"):
         model.create_backbone("resnet18", weights=tmp_path / "evil.pth")
     assert not marker.exists()
+
+
+def test_a_registered_custom_backbone_runs_through_create_backbone_and_features(image_folder):
+    from torch import nn
+    from torchvision.transforms import v2 as T
+
+    from utils_cv.similarity import features
+
+    calls = []
+
+    @model.register_backbone("test_tiny_cnn", family="custom", input_size=32, weights_license="MIT", offline=True,
+                             description="a 6-channel test CNN", replace=True)
+    def build(pretrained, weights, image_size, classifier):
+        calls.append((pretrained, weights, image_size, classifier))
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        size = image_size or 32
+        return net, T.Compose([T.Resize(size), T.CenterCrop(size), T.PILToTensor(), T.ToDtype(torch.float32, scale=True)])
+
+    assert "test_tiny_cnn" in model.available_backbones()
+    info = model.backbone_info("test_tiny_cnn")
+    assert (info.family, info.input_size, info.weights_license, info.offline) == ("custom", 32, "MIT", True)
+    net, transform = model.create_backbone("test_tiny_cnn", image_size=24)
+    assert calls == [(True, None, 24, False)] and not net.training
+    assert model.num_features(net) == 6 == net.feature_dim
+    paths, _ = data.list_images(image_folder)
+    feats = features.extract_features(net, paths[:5], transform, progress=False)
+    assert feats.shape == (5, 6)
+    np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="already registered"):
+        model.register_backbone("test_tiny_cnn", family="custom", input_size=32, weights_license="MIT",
+                                offline=True, description="again")(build)
+
+
+def test_builtin_metadata_and_widths_read_from_the_model():
+    lite = model.backbone_info("efficientnet_lite0")
+    assert lite.offline and lite.input_size == 224 and lite.family == "efficientnet_lite" and lite.weights_license
+    assert not model.backbone_info("resnet18").offline
+    timm_info = model.backbone_info("timm/resnet50.a1_in1k")
+    assert timm_info.family == "timm" and timm_info.input_size == 224 and timm_info.weights_license == "apache-2.0"
+    assert model.backbone_info("timm/tf_efficientnet_lite2").input_size == 260
+    import torchvision
+
+    wide = torchvision.models.resnet18(weights=None)
+    wide.fc = torch.nn.Linear(512, 7)
+    assert model.num_features(wide) == 7
+    wide.fc = torch.nn.Identity()
+    assert model.num_features(wide) == 512
+    with pytest.raises(ValueError, match="num_features"):
+        model.num_features(torch.nn.ReLU())
+    import inspect
+
+    assert "_sha256" not in inspect.getsource(model) and "2048" not in inspect.getsource(model)
+
+
+def test_tagged_timm_names_are_accepted_and_bad_tags_refused():
+    net, transform = model.create_backbone("timm/resnet18.a1_in1k", pretrained=False, image_size=32)
+    with torch.inference_mode():
+        assert net(torch.zeros(1, 3, 32, 32)).shape == (1, 512) == (1, net.feature_dim)
+    assert net.backbone_name == "timm/resnet18.a1_in1k"
+    with pytest.raises(ValueError, match="Invalid pretrained tag"):
+        model.create_backbone("timm/resnet18.no_such_tag", pretrained=False)

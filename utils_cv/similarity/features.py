@@ -1,53 +1,130 @@
-"""Batched embedding extraction: images in, (n, d) float32 L2-normalised features out."""
+"""Batched embedding extraction: images in, (n, d) float32 L2-normalised features out.
+
+:class:`FeatureExtractor` runs a private, prepared copy of the model (batch norms folded,
+channels_last on the CPU, eval mode) made when it is built, so the caller's model is never
+changed (not its weights, memory format, training flag nor attributes). The copy is a
+snapshot: after the model's weights change (training), build a new extractor; extractors
+built for the same unchanged model share one copy (see ``_prepared``), which is what keeps
+repeated :func:`extract_features` calls, the one-call form, as fast as one extractor.
+
+Every item, a file or an in-memory image, goes through :func:`to_rgb_image`, so the same
+pixels give the same features whatever the container.
+"""
 from __future__ import annotations
 
+import copy
 import logging
 import os
+import threading
+import weakref
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from utils_cv.similarity.data import load_image
+from utils_cv.similarity.distances import l2_normalize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageDecodeError", "extract_features", "l2_normalize"]
+__all__ = ["Extraction", "FeatureExtractor", "ImageDecodeError", "extract_features", "l2_normalize", "to_rgb_image"]
 
 
 class ImageDecodeError(ValueError):
     """An image could not be read or decoded; the message names the file."""
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    """Rows of ``x`` scaled to unit L2 norm (zero rows stay zero). Returns float32, C-contiguous."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(norms, eps), dtype=np.float32)
+# ---------------------------------------------------------------------------- images
+def _pil_to_rgb(im: Image.Image) -> Image.Image:
+    """The steps of :func:`utils_cv.similarity.data.load_image` after opening a file.
+
+    A copy until data.py exposes them for an open image; keep the two in step."""
+    im = ImageOps.exif_transpose(im)  # a new image: the caller's is left as it was
+    if im.mode in ("P", "PA") and ("transparency" in im.info or im.mode == "PA"):
+        im = im.convert("RGBA")
+    elif im.mode == "LA":
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float32))
+        if im.mode == "F":  # float pixels: [0, 1] or [0, 255]
+            peak = 1.0 if arr.max() <= 1.0 else 255.0
+        else:
+            peak = 65535.0 if arr.max() > 255 else 255.0
+        return Image.fromarray((arr / peak * 255).clip(0, 255).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
 
 
-def _to_pil(item) -> Image.Image:
+_ARRAY_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
+def _array_to_pil(arr: np.ndarray) -> Image.Image:
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in _ARRAY_MODES or min(arr.shape[:2]) < 1:
+        hint = " (channels first? use arr.transpose(1, 2, 0))" if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) else ""
+        raise ValueError(f"An in-memory image must be an (H, W), (H, W, 1), (H, W, 2), (H, W, 3) or (H, W, 4) "
+                         f"array; got shape {arr.shape}{hint}.")
+    kind = arr.dtype.kind
+    if kind == "f":
+        if not np.isfinite(arr).all():
+            raise ValueError("An in-memory float image holds NaN or infinite values.")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"An in-memory float image must hold values in [0, 1]; got [{lo:g}, {hi:g}]. For 0-255 "
+                             "values pass arr.astype(np.uint8); for other ranges rescale to [0, 1] first.")
+        arr = np.rint(arr * 255.0).astype(np.uint8)
+    elif kind in "ui":
+        lo, hi = int(arr.min()), int(arr.max())
+        if arr.dtype == np.uint16 and hi > 255:  # 16-bit, as 16-bit PNG files are read
+            arr = (arr.astype(np.float32) / 65535.0 * 255).clip(0, 255).astype(np.uint8)
+        elif lo < 0 or hi > 255:
+            raise ValueError(f"An in-memory integer image must hold values in [0, 255]; got [{lo}, {hi}].")
+        else:
+            arr = arr.astype(np.uint8)
+    else:
+        raise ValueError(f"An in-memory image must be an unsigned integer or float array; got dtype {arr.dtype}.")
+    mode = _ARRAY_MODES[arr.shape[2]]
+    return Image.fromarray(np.ascontiguousarray(arr if mode != "L" else arr[:, :, 0]), mode=mode)
+
+
+def to_rgb_image(item) -> Image.Image:
+    """The RGB image the model sees for ``item``, the same whatever the container.
+
+    Args:
+        item: an image file path; a PIL image (its EXIF orientation applied, as for a file);
+            or an (H, W), (H, W, 1), (H, W, 2) (grey + alpha), (H, W, 3) RGB or (H, W, 4) RGBA
+            array. Integer arrays hold 0-255 (uint16 over 255: 16-bit, scaled as 16-bit files
+            are); float arrays hold [0, 1] and are scaled to 0-255. Float arrays outside
+            [0, 1] are refused rather than guessed at: a float image with values up to 1.0 is
+            equally plausible as a dark 0-255 image, and reading it the wrong way gives
+            features of a black or a saturated picture without any sign of the mistake.
+
+    Transparency (RGBA, LA, P with a transparent colour) is composited on white, as for files.
+
+    Raises:
+        ValueError: an array of another shape, dtype or value range (the message says which).
+    """
     if isinstance(item, Image.Image):
-        return item.convert("RGB")
+        return _pil_to_rgb(item)
     if isinstance(item, np.ndarray):
-        if item.ndim == 2:
-            item = np.stack([item] * 3, axis=-1)
-        if item.ndim != 3 or item.shape[2] not in (3, 4):
-            raise ValueError(f"an in-memory image must be (H, W), (H, W, 3) or (H, W, 4); got shape {item.shape}")
-        if item.dtype != np.uint8:
-            item = np.clip(item, 0, 255).astype(np.uint8)
-        return Image.fromarray(item[..., :3])
-    return load_image(item)
+        return _pil_to_rgb(_array_to_pil(item))
+    if isinstance(item, (str, os.PathLike)):
+        return load_image(item)
+    raise TypeError(f"An image must be a path, a PIL image or a numpy array; got {type(item).__name__}.")
 
 
+# ---------------------------------------------------------------------------- loading
 class _ImageDataset(Dataset):
-    def __init__(self, items: Sequence, transform: Callable, skip_errors: bool):
+    def __init__(self, items: Sequence, transform: Callable):
         self.items = items
         self.transform = transform
-        self.skip_errors = skip_errors
 
     def __len__(self) -> int:
         return len(self.items)
@@ -55,24 +132,18 @@ class _ImageDataset(Dataset):
     def __getitem__(self, i: int):
         item = self.items[i]
         try:
-            return i, self.transform(_to_pil(item))
-        except Exception as exc:  # noqa: BLE001 - re-raised with the file's name
+            return i, self.transform(to_rgb_image(item)), None
+        except Exception as exc:  # noqa: BLE001 - reported with the item's name
             name = item if isinstance(item, (str, os.PathLike)) else f"item {i}"
-            message = f"Could not decode image {str(name)!r}: {type(exc).__name__}: {exc}"
-            if self.skip_errors:
-                logger.warning("skipped %s", message)
-                return i, None
-            raise ImageDecodeError(
-                f"{message}. Remove or fix the file (data.scan_images lists unreadable files), "
-                "or pass on_error='skip'."
-            ) from exc
+            return i, None, f"Could not decode image {str(name)!r}: {type(exc).__name__}: {exc}"
 
 
 def _collate(batch):
-    kept = [(i, x) for i, x in batch if x is not None]
+    kept = [(i, x) for i, x, _ in batch if x is not None]
+    failed = [(i, why) for i, x, why in batch if x is None]
     if not kept:
-        return torch.empty(0, dtype=torch.int64), None
-    return torch.tensor([i for i, _ in kept]), torch.stack([x for _, x in kept])
+        return torch.empty(0, dtype=torch.int64), None, failed
+    return torch.tensor([i for i, _ in kept]), torch.stack([x for _, x in kept]), failed
 
 
 def _embedding_module(model) -> nn.Module:
@@ -88,20 +159,6 @@ def _embedding_module(model) -> nn.Module:
 _CPU_CHUNK = 4
 
 
-def _folded(model: nn.Module) -> nn.Module:
-    """The batch-norm-folded copy of ``model``, cached on it until its weights change."""
-    from utils_cv.similarity.fuse import fold_batchnorm
-
-    key = (tuple(t._version for t in model.parameters()), tuple(t._version for t in model.buffers()),
-           tuple(t.data_ptr() for t in model.parameters()))
-    cached = model.__dict__.get("_utils_cv_folded")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    folded = fold_batchnorm(model)
-    model.__dict__["_utils_cv_folded"] = (key, folded)
-    return folded
-
-
 def _default_workers(n: int, batch_size: int) -> int:
     if n <= batch_size:
         return 0
@@ -111,102 +168,207 @@ def _default_workers(n: int, batch_size: int) -> int:
     return 0 if cpus <= 2 else min(4, cpus // 2)
 
 
-def extract_features(
-    model: nn.Module,
-    paths: Sequence,
-    transform: Callable,
-    batch_size: int = 64,
-    num_workers: int | None = None,
-    progress: bool = True,
-    device: str | torch.device | None = None,
-    on_error: str = "raise",
-    chunk_size: int | None = None,
-    fold_bn: bool = True,
-):
-    """Embed images with ``model`` (its pooled output), one row per input, L2-normalised.
+def _positive(value, name: str, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"The {name!r} parameter must be an integer >= 1. Got {value!r} instead.")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------- extraction
+_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, prepared copy)
+_PREPARED_LOCK = threading.Lock()
+
+
+def _weights_key(module: nn.Module, *options) -> tuple:
+    """Changes when any parameter or buffer is replaced or updated in place (an optimiser step)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return (*options, tuple(t._version for t in tensors), tuple(t.data_ptr() for t in tensors))
+
+
+def _prepared(module: nn.Module, device: torch.device, fold_bn: bool, channels_last: bool) -> nn.Module:
+    """A private inference copy of ``module``: eval mode, no gradients, on ``device``, batch
+    norms folded, channels_last on the CPU.
+
+    Copies are shared by extractors built for the same unchanged model (they only run it
+    under ``torch.inference_mode``), so that repeated :func:`extract_features` calls prepare
+    it once. They are held in a side table keyed weakly on the model, never on the model
+    itself: the entry goes when the model does, and a weight change makes a new copy.
+    """
+    key = _weights_key(module, str(device), fold_bn, channels_last)
+    with _PREPARED_LOCK:
+        hit = _PREPARED.get(module)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    try:
+        prepared = copy.deepcopy(module)
+    except Exception as exc:  # noqa: BLE001 - e.g. a module holding a lock or an open file
+        raise TypeError(f"The 'model' parameter ({type(module).__name__}) cannot be copied ({exc}); "
+                        "FeatureExtractor runs a private copy so that the model passed is never changed.") from exc
+    prepared = prepared.eval().requires_grad_(False).to(device)
+    if fold_bn:
+        from utils_cv.similarity.fuse import fold_batchnorm
+
+        prepared = fold_batchnorm(prepared)
+    if channels_last:
+        prepared = prepared.to(memory_format=torch.channels_last)
+    with _PREPARED_LOCK:
+        _PREPARED[module] = (key, prepared)
+    return prepared
+
+
+@dataclass
+class Extraction:
+    """What :meth:`FeatureExtractor.extract` returns.
+
+    ``features``: (n_kept, d) float32, C-contiguous, rows of unit L2 norm; ``kept``: (n_kept,)
+    int64 indices into the items of the rows of ``features``; ``skipped``: ``(item, reason)``
+    for each item left out (``on_error="skip"``), in input order.
+    """
+
+    features: np.ndarray
+    kept: np.ndarray
+    skipped: list[tuple[object, str]] = field(default_factory=list)
+
+
+class FeatureExtractor:
+    """Embeds images with a private, prepared copy of ``model``.
 
     Args:
         model: maps (B, 3, H, W) to (B, d), e.g. from ``model.create_backbone``; a model
             returning (B, C, H, W) maps (a CNN body, a fastai Learner's body) is average-pooled.
-        paths: image files, or in-memory PIL images / (H, W, 3) uint8 RGB arrays.
+            It is copied here and never changed; later changes to it are not seen.
         transform: the model's preprocessing (PIL image -> (3, H, W) tensor).
-        batch_size: images per forward pass.
-        num_workers: DataLoader worker processes decoding images while the model runs;
-            None picks 0 on machines with 2 CPUs or fewer (decoding in this process is
-            faster there) and half the CPUs, at most 4, otherwise.
-        progress: show a progress bar.
-        device: where to run; None keeps the model's own device.
+        batch_size: images per loaded batch.
+        device: where the copy runs; None keeps the model's own device (a model on the CPU
+            stays on the CPU even where a GPU exists: moving work is the caller's choice);
+            ``"auto"`` picks :func:`utils_cv.common.device.default_device` (``$UTILS_CV_DEVICE``,
+            else CUDA, MPS, CPU).
+        fold_bn: fold batch norms into their convolutions (same features to 1e-5, 1.4-1.7x
+            faster on the CPU; see :mod:`utils_cv.similarity.fuse`).
+        num_workers: DataLoader worker processes decoding files while the model runs; None
+            picks 0 on machines with 2 CPUs or fewer (decoding in this process is faster there)
+            and half the CPUs, at most 4, otherwise. In-memory images always use 0.
         chunk_size: images per forward call inside a batch; None picks 4 on the CPU (a
-            micro-batch whose activations stay in cache: lite0 with folded batch norms runs
-            at about 120 img/s by 4 and 90 by 16 on 2 cores) and the whole batch on a GPU.
-        fold_bn: run a copy with batch norms folded into their convolutions (same features
-            to 1e-5, 1.4-1.7x faster on the CPU; see :mod:`utils_cv.similarity.fuse`).
-        on_error: ``"raise"`` stops at the first image that cannot be decoded;
-            ``"skip"`` logs it, leaves it out and returns which rows exist.
+            micro-batch whose activations stay in cache: lite0 with folded batch norms runs at
+            about 120 img/s by 4 and 90 by 16 on 2 cores) and the whole batch on a GPU.
+    """
+
+    def __init__(self, model, transform: Callable, batch_size: int = 64, device: str | torch.device | None = None,
+                 fold_bn: bool = True, num_workers: int | None = None, chunk_size: int | None = None):
+        module = _embedding_module(model)
+        if not callable(transform):
+            raise TypeError(f"The 'transform' parameter must be callable. Got {type(transform).__name__}.")
+        self.transform = transform
+        self.batch_size = _positive(batch_size, "batch_size")
+        if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
+                                        or num_workers < 0):
+            raise ValueError(f"The 'num_workers' parameter must be an integer >= 0 or None. Got {num_workers!r}.")
+        self.num_workers = num_workers
+        if device is None:
+            param = next(module.parameters(), None)
+            self.device = param.device if param is not None else torch.device("cpu")
+        elif isinstance(device, str) and device == "auto":
+            from utils_cv.common.device import default_device
+
+            self.device = default_device()
+        else:
+            self.device = torch.device(device)
+        self.chunk_size = _positive(chunk_size, "chunk_size", allow_none=True) or (
+            _CPU_CHUNK if self.device.type == "cpu" else self.batch_size)
+        self.channels_last = self.device.type == "cpu"
+        self._model = _prepared(module, self.device, bool(fold_bn), self.channels_last)
+
+    def extract(self, items: Sequence, on_error: str = "raise", progress: bool = True) -> Extraction:
+        """Embed ``items`` (image files, PIL images or arrays; see :func:`to_rgb_image`).
+
+        Args:
+            on_error: ``"raise"`` stops at the first image that cannot be decoded;
+                ``"skip"`` logs it, leaves it out and lists it in ``skipped``.
+            progress: show a progress bar.
+
+        Returns:
+            an :class:`Extraction`; with ``on_error="skip"`` and no decodable image, its
+            ``features`` are (0, d) (d from :func:`utils_cv.similarity.model.num_features`, 0
+            when it cannot be read) and every item is in ``skipped``.
+
+        Raises:
+            ImageDecodeError: an image could not be decoded (``on_error="raise"``); the
+                message names it.
+        """
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"The 'on_error' parameter must be 'raise' or 'skip'. Got {on_error!r} instead.")
+        items = list(items)
+        if not items:
+            raise ValueError("The 'items' parameter is empty: give at least one image.")
+        in_memory = not all(isinstance(p, (str, os.PathLike)) for p in items)
+        workers = self.num_workers if self.num_workers is not None else _default_workers(len(items), self.batch_size)
+        loader = DataLoader(_ImageDataset(items, self.transform), batch_size=self.batch_size, shuffle=False,
+                            num_workers=0 if in_memory else workers, pin_memory=self.device.type == "cuda",
+                            collate_fn=_collate)
+        out, kept, skipped = [], [], []
+        from tqdm.auto import tqdm
+
+        with torch.inference_mode(), tqdm(total=len(items), desc="features", unit="img", disable=not progress) as bar:
+            for index, batch, failed in loader:
+                for i, why in failed:
+                    if on_error == "raise":
+                        raise ImageDecodeError(
+                            f"{why}. Remove or fix the file (data.scan_images lists unreadable files), or use "
+                            "FeatureExtractor(model, transform).extract(items, on_error='skip') to leave it out.")
+                    logger.warning("skipped %s", why)
+                    skipped.append((items[i], why))
+                if batch is not None:
+                    out.append(self._forward(batch))
+                    kept.append(index.numpy())
+                bar.update(len(index) + len(failed))
+        if not out:  # only with on_error="skip": every item is in `skipped`
+            logger.warning("none of the %d images could be decoded", len(items))
+            return Extraction(np.empty((0, self._width()), np.float32), np.empty(0, np.int64), skipped)
+        return Extraction(l2_normalize(np.concatenate(out, axis=0)), np.concatenate(kept).astype(np.int64), skipped)
+
+    def _width(self) -> int:
+        from utils_cv.similarity.model import num_features
+
+        try:
+            return num_features(self._model)
+        except ValueError:
+            return 0
+
+    def _forward(self, batch: torch.Tensor) -> np.ndarray:
+        batch = batch.to(self.device, non_blocking=True)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        emb = torch.cat([self._model(part) for part in batch.split(self.chunk_size)])
+        if emb.ndim == 4:
+            emb = emb.mean(dim=(2, 3))
+        elif emb.ndim != 2:
+            emb = emb.flatten(1)
+        return emb.float().cpu().numpy()
+
+
+def extract_features(model, paths: Sequence, transform: Callable, batch_size: int = 64, num_workers: int | None = None,
+                     progress: bool = True, device: str | torch.device | None = None, on_error: str = "raise",
+                     chunk_size: int | None = None, fold_bn: bool = True) -> np.ndarray:
+    """Embed images with ``model`` (its pooled output), one row per input, L2-normalised.
+
+    ``FeatureExtractor(model, transform, ...).extract(paths).features``: the arguments are
+    those of :class:`FeatureExtractor`; ``model`` is left as it was. To skip images that cannot
+    be decoded and learn which rows exist, use ``FeatureExtractor.extract(..., on_error="skip")``.
 
     Returns:
-        (n, d) float32, C-contiguous, rows of unit L2 norm, aligned with ``paths``. With
-        ``on_error="skip"``: ``(features, kept)``, ``kept`` the int64 indices into ``paths``
-        of the rows of ``features``.
+        (n, d) float32, C-contiguous, rows of unit L2 norm, aligned with ``paths``.
 
     Raises:
-        ImageDecodeError: an image could not be decoded (``on_error="raise"``); the message
-            names it.
+        ImageDecodeError: an image could not be decoded; the message names it.
+        ValueError: ``on_error`` is not ``"raise"`` (this function always returns one row per input).
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"The 'on_error' parameter must be 'raise' or 'skip'. Got {on_error!r} instead.")
-    model = _embedding_module(model)
-    if batch_size < 1:
-        raise ValueError(f"The 'batch_size' parameter must be >= 1. Got {batch_size!r} instead.")
-    items = list(paths)
-    if not items:
-        raise ValueError("The 'paths' parameter is empty: give at least one image.")
-    if device is not None:
-        model = model.to(device)
-    dev = next(model.parameters()).device
-    if num_workers is None:
-        num_workers = _default_workers(len(items), batch_size)
-    in_memory = not all(isinstance(p, (str, os.PathLike)) for p in items)
-    if in_memory:
-        num_workers = 0
-    loader = DataLoader(
-        _ImageDataset(items, transform, skip_errors=on_error == "skip"), batch_size=batch_size, shuffle=False,
-        num_workers=num_workers, pin_memory=dev.type == "cuda", collate_fn=_collate,
-    )
-    was_training = model.training
-    model.eval()
-    user_model = model
-    if fold_bn:
-        model = _folded(model)
-    channels_last = dev.type == "cpu"
-    if chunk_size is None:
-        chunk_size = _CPU_CHUNK if dev.type == "cpu" else batch_size
-    if chunk_size < 1:
-        raise ValueError(f"The 'chunk_size' parameter must be >= 1. Got {chunk_size!r} instead.")
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    out, kept = [], []
-    from tqdm.auto import tqdm
-
-    try:
-        with torch.inference_mode(), tqdm(total=len(items), desc="features", unit="img", disable=not progress) as bar:
-            for index, batch in loader:
-                if batch is not None:
-                    batch = batch.to(dev, non_blocking=True)
-                    if channels_last:
-                        batch = batch.contiguous(memory_format=torch.channels_last)
-                    emb = torch.cat([model(part) for part in batch.split(chunk_size)])
-                    if emb.ndim == 4:
-                        emb = emb.mean(dim=(2, 3))
-                    elif emb.ndim != 2:
-                        emb = emb.flatten(1)
-                    out.append(emb.float().cpu().numpy())
-                    kept.append(index.numpy())
-                bar.update(min(batch_size, len(items) - bar.n))
-    finally:
-        user_model.train(was_training)
-    if on_error == "skip":
-        if not out:
-            raise ImageDecodeError(f"None of the {len(items)} images could be decoded.")
-        return l2_normalize(np.concatenate(out, axis=0)), np.concatenate(kept).astype(np.int64)
-    return l2_normalize(np.concatenate(out, axis=0))
+    if on_error != "raise":
+        raise ValueError(f"The 'on_error' parameter of extract_features must be 'raise' (one row per input). Got "
+                         f"{on_error!r}: to leave undecodable images out, use FeatureExtractor(model, transform)"
+                         ".extract(items, on_error='skip'), which returns the features, the kept indices and the "
+                         "skipped items.")
+    extractor = FeatureExtractor(model, transform, batch_size=batch_size, device=device, fold_bn=fold_bn,
+                                 num_workers=num_workers, chunk_size=chunk_size)
+    return extractor.extract(paths, progress=progress).features
