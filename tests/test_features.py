@@ -201,3 +201,42 @@ def test_exif_orientation_is_applied_to_pil_images_as_to_files(tmp_path, tiny_ba
 def test_arrays_that_cannot_be_read_safely_are_refused(array, match):
     with pytest.raises(ValueError, match=match):
         features.to_rgb_image(array)
+
+
+def _photo_like(path, size=(2400, 1800), seed=0):
+    """A big JPEG with smooth structure and texture, like a photo (not flat colour)."""
+    rng = np.random.default_rng(seed)
+    h, w = size[1], size[0]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([128 + 90 * np.sin(xx / (97 + 13 * c) + yy / (151 - 17 * c) + c) for c in range(3)], -1)
+    img += rng.normal(0, 12, size=(h, w, 3))
+    from PIL import ImageDraw
+    im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    r = max(8, min(w, h) // 6)
+    for _ in range(12):
+        x, y = rng.integers(0, w - r), rng.integers(0, h - r)
+        d.ellipse([x, y, x + rng.integers(r // 4, r), y + rng.integers(r // 4, r)],
+                  fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    im.save(path, quality=90)
+    return path
+
+
+def test_big_photos_decode_at_reduced_scale_with_the_same_features(tmp_path):
+    from utils_cv.similarity import data, model
+    from utils_cv.similarity.features import FeatureExtractor
+
+    paths = [_photo_like(tmp_path / f"big_{i}.jpg", seed=i) for i in range(3)]
+    small = data.load_image(paths[0], min_size=256)
+    assert min(small.size) >= 256 and max(small.size) < 2400 / 2, small.size
+    assert data.load_image(paths[0]).size == (2400, 1800)
+    net, transform = model.create_backbone()
+    fast = FeatureExtractor(net, transform).extract(paths).features
+    full = FeatureExtractor(net, transform, fast_decode=False).extract(paths).features
+    cos = (fast * full).sum(1)
+    assert cos.min() >= 0.98 and cos.mean() >= 0.99, cos
+    # images smaller than twice the resize are decoded exactly as before
+    ordinary = _photo_like(tmp_path / "ordinary.jpg", size=(400, 300))
+    a = FeatureExtractor(net, transform).extract([ordinary]).features
+    b = FeatureExtractor(net, transform, fast_decode=False).extract([ordinary]).features
+    assert np.array_equal(a, b)

@@ -265,31 +265,65 @@ def list_images(root: str | os.PathLike, labelled: bool | None = None) -> tuple[
     return scan.paths, scan.labels
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An open image as a person sees it, in RGB: EXIF rotation applied, transparency (RGBA,
+    LA, P with a transparent colour) composited on white, 16-bit and float pixels scaled.
+    Returns a new image; ``im`` is left as it was."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("P", "PA") and ("transparency" in im.info or im.mode == "PA"):
+        im = im.convert("RGBA")
+    elif im.mode == "LA":
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.nan_to_num(np.asarray(im, dtype=np.float32))
+        if im.mode == "F":  # float pixels: [0, 1] or [0, 255]
+            peak = 1.0 if arr.max() <= 1.0 else 255.0
+        else:
+            peak = 65535.0 if arr.max() > 255 else 255.0
+        return Image.fromarray((arr / peak * 255).clip(0, 255).astype(np.uint8)).convert("RGB")
+    return im.convert("RGB")
+
+
+def _reduce_for(im: Image.Image, min_size: int) -> Image.Image:
+    """Decode big photos at a reduced scale: JPEG through Pillow's draft mode (the decoder's
+    DCT scaling by 1/2, 1/4 or 1/8: a 12 MP photo decodes in a fraction of the time), other
+    formats by an integer box reduction, always keeping the shorter side >= ``min_size`` so
+    the model's own resize still does the final, antialiased step."""
+    w, h = im.size
+    short = min(w, h)
+    if short < 2 * min_size:
+        return im
+    if im.format == "JPEG" and im.mode in ("RGB", "L", "CMYK", "YCbCr"):
+        scale = min_size / short
+        im.draft(im.mode, (max(1, int(np.ceil(w * scale))), max(1, int(np.ceil(h * scale)))))
+        return im
+    factor = short // min_size
+    if factor >= 2 and im.mode in ("RGB", "RGBA", "L", "LA"):
+        return im.reduce(factor)
+    return im
+
+
+def load_image(path: str | os.PathLike, min_size: int | None = None) -> Image.Image:
     """Open an image as a person sees it: EXIF rotation applied, transparency on white, RGB.
 
     Only regular files are opened; GIF and multi-page TIFF give their first frame.
+
+    Args:
+        min_size: when given, the shorter side the caller needs (e.g. the model's resize):
+            images at least twice as large are decoded at a reduced scale that keeps the
+            shorter side >= ``min_size`` (JPEG draft mode; features agree with a full decode
+            to a mean cosine >= 0.99, BENCHMARKS.md), which is what makes big photos fast.
     """
     missing = _missing_codec(Path(path))
     if missing:
         raise ValueError(f"Cannot read {str(path)!r}: {missing}.")
     with _open_regular(path) as f, Image.open(f) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("P", "PA") and ("transparency" in im.info or im.mode == "PA"):
-            im = im.convert("RGBA")
-        elif im.mode == "LA":
-            im = im.convert("RGBA")
-        if im.mode == "RGBA":
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, im).convert("RGB")
-        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            arr = np.nan_to_num(np.asarray(im, dtype=np.float32))
-            if im.mode == "F":  # float pixels: [0, 1] or [0, 255]
-                peak = 1.0 if arr.max() <= 1.0 else 255.0
-            else:
-                peak = 65535.0 if arr.max() > 255 else 255.0
-            return Image.fromarray((arr / peak * 255).clip(0, 255).astype(np.uint8)).convert("RGB")
-        return im.convert("RGB")
+        if min_size is not None:
+            im = _reduce_for(im, int(min_size))
+        return to_rgb(im)
 
 
 def is_near_constant(image: Image.Image, tolerance: float = NEAR_CONSTANT_STD) -> bool:

@@ -22,11 +22,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from utils_cv.similarity.data import load_image
+from utils_cv.similarity.data import load_image, to_rgb
 from utils_cv.similarity.distances import l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -39,28 +39,6 @@ class ImageDecodeError(ValueError):
 
 
 # ---------------------------------------------------------------------------- images
-def _pil_to_rgb(im: Image.Image) -> Image.Image:
-    """The steps of :func:`utils_cv.similarity.data.load_image` after opening a file.
-
-    A copy until data.py exposes them for an open image; keep the two in step."""
-    im = ImageOps.exif_transpose(im)  # a new image: the caller's is left as it was
-    if im.mode in ("P", "PA") and ("transparency" in im.info or im.mode == "PA"):
-        im = im.convert("RGBA")
-    elif im.mode == "LA":
-        im = im.convert("RGBA")
-    if im.mode == "RGBA":
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, im).convert("RGB")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.nan_to_num(np.asarray(im, dtype=np.float32))
-        if im.mode == "F":  # float pixels: [0, 1] or [0, 255]
-            peak = 1.0 if arr.max() <= 1.0 else 255.0
-        else:
-            peak = 65535.0 if arr.max() > 255 else 255.0
-        return Image.fromarray((arr / peak * 255).clip(0, 255).astype(np.uint8)).convert("RGB")
-    return im.convert("RGB")
-
-
 _ARRAY_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
@@ -94,7 +72,7 @@ def _array_to_pil(arr: np.ndarray) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(arr if mode != "L" else arr[:, :, 0]), mode=mode)
 
 
-def to_rgb_image(item) -> Image.Image:
+def to_rgb_image(item, min_size: int | None = None) -> Image.Image:
     """The RGB image the model sees for ``item``, the same whatever the container.
 
     Args:
@@ -107,24 +85,39 @@ def to_rgb_image(item) -> Image.Image:
             features of a black or a saturated picture without any sign of the mistake.
 
     Transparency (RGBA, LA, P with a transparent colour) is composited on white, as for files.
+    ``min_size``: for files, decode big photos at a reduced scale keeping the shorter side >=
+    ``min_size`` (see :func:`utils_cv.similarity.data.load_image`).
 
     Raises:
         ValueError: an array of another shape, dtype or value range (the message says which).
     """
     if isinstance(item, Image.Image):
-        return _pil_to_rgb(item)
+        return to_rgb(item)
     if isinstance(item, np.ndarray):
-        return _pil_to_rgb(_array_to_pil(item))
+        return to_rgb(_array_to_pil(item))
     if isinstance(item, (str, os.PathLike)):
-        return load_image(item)
+        return load_image(item, min_size=min_size)
     raise TypeError(f"An image must be a path, a PIL image or a numpy array; got {type(item).__name__}.")
 
 
 # ---------------------------------------------------------------------------- loading
+def _min_side(transform) -> int | None:
+    """The shorter side the transform's first resize needs, or None when it has none."""
+    for t in getattr(transform, "transforms", []):
+        size = getattr(t, "size", None)
+        if type(t).__name__ == "Resize" and size is not None:
+            if isinstance(size, int):
+                return size
+            size = [int(v) for v in size]
+            return max(size) if size else None
+    return None
+
+
 class _ImageDataset(Dataset):
-    def __init__(self, items: Sequence, transform: Callable):
+    def __init__(self, items: Sequence, transform: Callable, min_size: int | None = None):
         self.items = items
         self.transform = transform
+        self.min_size = min_size
 
     def __len__(self) -> int:
         return len(self.items)
@@ -132,7 +125,7 @@ class _ImageDataset(Dataset):
     def __getitem__(self, i: int):
         item = self.items[i]
         try:
-            return i, self.transform(to_rgb_image(item)), None
+            return i, self.transform(to_rgb_image(item, self.min_size)), None
         except Exception as exc:  # noqa: BLE001 - reported with the item's name
             name = item if isinstance(item, (str, os.PathLike)) else f"item {i}"
             return i, None, f"Could not decode image {str(name)!r}: {type(exc).__name__}: {exc}"
@@ -253,14 +246,22 @@ class FeatureExtractor:
         chunk_size: images per forward call inside a batch; None picks 4 on the CPU (a
             micro-batch whose activations stay in cache: lite0 with folded batch norms runs at
             about 120 img/s by 4 and 90 by 16 on 2 cores) and the whole batch on a GPU.
+        fast_decode: decode image files at least twice as large as the transform's resize at a
+            reduced scale (JPEG draft mode; see :func:`utils_cv.similarity.data.load_image`):
+            multi-megapixel photos embed many times faster with features that agree with a full
+            decode (mean cosine >= 0.99 on real photos, BENCHMARKS.md). Smaller images are
+            decoded exactly as before.
     """
 
     def __init__(self, model, transform: Callable, batch_size: int = 64, device: str | torch.device | None = None,
-                 fold_bn: bool = True, num_workers: int | None = None, chunk_size: int | None = None):
+                 fold_bn: bool = True, num_workers: int | None = None, chunk_size: int | None = None,
+                 fast_decode: bool = True):
         module = _embedding_module(model)
         if not callable(transform):
             raise TypeError(f"The 'transform' parameter must be callable. Got {type(transform).__name__}.")
         self.transform = transform
+        # big photos decode at a reduced scale that still covers the transform's resize
+        self.min_size = _min_side(transform) if fast_decode else None
         self.batch_size = _positive(batch_size, "batch_size")
         if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
                                         or num_workers < 0):
@@ -304,7 +305,7 @@ class FeatureExtractor:
             raise ValueError("The 'items' parameter is empty: give at least one image.")
         in_memory = not all(isinstance(p, (str, os.PathLike)) for p in items)
         workers = self.num_workers if self.num_workers is not None else _default_workers(len(items), self.batch_size)
-        loader = DataLoader(_ImageDataset(items, self.transform), batch_size=self.batch_size, shuffle=False,
+        loader = DataLoader(_ImageDataset(items, self.transform, self.min_size), batch_size=self.batch_size, shuffle=False,
                             num_workers=0 if in_memory else workers, pin_memory=self.device.type == "cuda",
                             collate_fn=_collate)
         out, kept, skipped = [], [], []
