@@ -7,6 +7,7 @@ Subcommands, each a function taking the parsed arguments (``set_defaults(func=..
 * ``query DIR IMAGE...``: the nearest images of each query image, with paths and distances.
 * ``duplicates FOLDER|DIR``: exact and near-duplicate groups and the files one could remove
   (nothing is ever deleted or moved).
+* ``serve DIR``: a browser app over a collection (search by upload or webcam, duplicates).
 * ``train FOLDER --out model.pth``: fine-tune a backbone on a labelled folder.
 * ``evaluate FOLDER``: retrieval metrics of a model on a labelled folder, with bootstrap
   95 % intervals over queries.
@@ -37,6 +38,8 @@ EXAMPLES = {
     "duplicates": "examples:\n  utils-cv-similarity duplicates ~/Pictures\n"
                   "  utils-cv-similarity duplicates photos.idx --threshold 0.4 --csv > dups.csv\n"
                   "  utils-cv-similarity duplicates ~/Pictures --json --figure groups.png --keep oldest",
+    "serve": "examples:\n  utils-cv-similarity serve ~/pictures.idx\n"
+             "  utils-cv-similarity serve photos.idx --host 0.0.0.0 --port 8080",
     "train": "examples:\n  utils-cv-similarity train labelled/ --out model.pth\n"
              "  utils-cv-similarity train labelled/ --out model.pth --head normsoftmax --epochs 12",
     "evaluate": "examples:\n  utils-cv-similarity evaluate labelled/\n"
@@ -117,12 +120,8 @@ def cmd_query(args) -> int:
 
 
 def _query_figure(answers, dest) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from utils_cv.common.paths import atomic_write
     from utils_cv.similarity import plot
 
     k = max(1, max(len(a["neighbours"]) for a in answers))
@@ -132,9 +131,7 @@ def _query_figure(answers, dest) -> None:
                             _shown(Path(a["query"]).name), [_shown(Path(h["path"]).name) for h in a["neighbours"]],
                             ax=ax)
     fig.tight_layout()
-    with atomic_write(Path(dest)) as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    plot.save_figure(fig, dest)
 
 
 def cmd_duplicates(args) -> int:
@@ -182,21 +179,18 @@ def cmd_duplicates(args) -> int:
             for p, d in zip(g.ids, g.distances):
                 print(f"  {d:.4f}  {_shown(p)}{'  <- remove?' if p in marked else ''}")
     if args.figure and groups:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from utils_cv.common.paths import atomic_write
         from utils_cv.similarity import plot
 
-        axes = plot.plot_duplicate_groups(groups, remove=remove)
-        fig = axes[0].figure
+        fig = plot.plot_duplicate_groups(groups, remove=remove)[0].figure
         fig.tight_layout()
-        with atomic_write(Path(args.figure)) as f:
-            fig.savefig(f, format="png", dpi=100)
-        plt.close(fig)
+        plot.save_figure(fig, args.figure)
     return 0
+
+
+def cmd_serve(args) -> int:
+    from utils_cv.similarity.app import run_serve
+
+    return run_serve(args)
 
 
 # ---------------------------------------------------------------------------- train / evaluate
@@ -325,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figure", help="write a PNG of the largest groups")
     p.set_defaults(func=cmd_duplicates)
 
+    p = command("serve", "a browser app over a collection: search by upload or webcam, browse duplicates")
+    p.add_argument("index", help="a collection folder written by 'index'")
+    p.add_argument("--model", help="the model file the collection was built with, if it moved since")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
+    p.add_argument("--port", type=positive_int_text, default=7860)
+    p.add_argument("--max-upload-mb", type=float, default=20, help="largest upload in MB (default %(default)s)")
+    p.set_defaults(func=cmd_serve)
+
     p = command("train", "fine-tune a backbone for similarity on a labelled folder")
     p.add_argument("folder", help="labelled image folder: one sub-folder per class")
     p.add_argument("--out", required=True, help="model file to write (e.g. model.pth)")
@@ -367,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
+    os.environ.setdefault("MPLBACKEND", "Agg")  # figures go to files, never to a window
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     logging.getLogger("utils_cv").setLevel(logging.INFO)
     parser = build_parser()

@@ -158,11 +158,12 @@ def open_collection(path: str | os.PathLike) -> Collection:
 
 def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str | os.PathLike | None = None,
                  backbone: str | None = None, weights: str | os.PathLike | None = None, backend: str = "auto",
-                 batch_size: int = 32, progress: bool = True) -> IndexReport:
+                 batch_size: int = 32, progress: bool = True, fast_decode: bool = True) -> IndexReport:
     """Embed the images of ``folder`` (plain or one sub-folder per class) and save a searchable
     collection to ``out``; a re-run embeds only new or changed files (see the module doc).
 
     Bad files never stop the run: they are skipped, logged and listed in the report.
+    ``fast_decode``: decode big photos at a reduced scale (see ``FeatureExtractor``).
     """
     from utils_cv.similarity.features import FeatureExtractor
     from utils_cv.similarity.index import BACKENDS, SimilarityIndex
@@ -212,7 +213,7 @@ def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str |
     removed = len(set(old_rows) - {e["path"] for e in entries})
     if todo:
         module, transform = load_embedder(spec)
-        extractor = FeatureExtractor(module, transform, batch_size=batch_size)
+        extractor = FeatureExtractor(module, transform, batch_size=batch_size, fast_decode=fast_decode)
         result = extractor.extract([root / entries[i]["path"] for i in todo], on_error="skip", progress=progress)
         for j, row in zip(result.kept, result.features):
             vectors[todo[int(j)]] = row

@@ -75,20 +75,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _save_training_plot(log, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from utils_cv.common.paths import atomic_write
     from utils_cv.similarity import plot
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     plot.plot_training_log(log, ax=ax)
     fig.tight_layout()
-    with atomic_write(out) as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    plot.save_figure(fig, out)
     print(f"training curve: {out}")
 
 
@@ -102,7 +96,6 @@ def _crop_size(transform) -> str:
 def _show_neighbours(args, paths, labels, queries, D, I, k, title) -> None:
     import numpy as np
 
-    from utils_cv.common.paths import atomic_write
     from utils_cv.similarity import plot
 
     labels_arr = np.asarray(labels)
@@ -118,9 +111,6 @@ def _show_neighbours(args, paths, labels, queries, D, I, k, title) -> None:
         print(f"{name:40s} " + "  ".join(f"{c:>22s}" for c in cells))
     print("(* = same class as the query; numbers are L2 distances between normalised features)")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(picked), 1, figsize=(1.7 * (k + 1), 2.3 * len(picked)))
@@ -128,10 +118,7 @@ def _show_neighbours(args, paths, labels, queries, D, I, k, title) -> None:
         plot.plot_neighbors(paths[q], [paths[i] for i in I[q]], D[q], labels[q], [labels[i] for i in I[q]], ax=ax)
     fig.suptitle(f"{title}: nearest neighbours by L2 distance")
     fig.tight_layout()
-    out = Path(args.output) / "demo_neighbors.png"
-    with atomic_write(out) as f:
-        fig.savefig(f, format="png", dpi=100)
-    plt.close(fig)
+    out = plot.save_figure(fig, Path(args.output) / "demo_neighbors.png")
     print(f"\nfigure: {out}")
 
 

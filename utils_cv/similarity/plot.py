@@ -8,7 +8,7 @@ import numpy as np
 from utils_cv.similarity.data import load_image
 from utils_cv.similarity._checks import positive_int
 
-__all__ = ["plot_class_examples", "plot_duplicate_groups", "plot_neighbors", "plot_rank_distribution", "plot_recall_at_k",
+__all__ = ["save_figure", "plot_class_examples", "plot_duplicate_groups", "plot_neighbors", "plot_rank_distribution", "plot_recall_at_k",
            "plot_recall_vs_speed", "plot_training_log"]
 
 
@@ -284,3 +284,19 @@ def plot_duplicate_groups(groups: Sequence, max_groups: int = 6, max_members: in
         ax.set_ylim(thumb_size + 36, -2)
         ax.set_axis_off()
     return axes
+
+
+def save_figure(fig, path, dpi: int = 100):
+    """Write ``fig`` to ``path`` as a PNG atomically (a crash never leaves half a file) and
+    close it. Returns the path."""
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    from utils_cv.common.paths import atomic_write
+
+    path = Path(path)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=dpi)
+    plt.close(fig)
+    return path

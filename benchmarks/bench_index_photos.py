@@ -1,0 +1,94 @@
+"""`utils-cv-similarity index` on real multi-megapixel photos: cold, warm re-run, full decoding.
+
+    .venv/bin/python benchmarks/bench_index_photos.py [--photos DIR] [--min-mp 2] [--max-mp 12]
+
+The photos come from Debian's wallpaper packages (``benchmarks/build_photos.py``; not
+committed). In one run, on a private copy of the selected JPEGs:
+
+* full decode: ``collection.index_folder(..., fast_decode=False)`` on a cold folder, i.e. every
+  photo decoded at full resolution (what the library did before reduced-scale decoding);
+* cold: the same with reduced-scale decoding (the default);
+* warm + 1: a re-run after adding one photo: only that photo is embedded;
+* agreement: cosine between the fast and the full-decode features of each photo.
+
+Prints a markdown table with images/s and the ratio to the full-decode run.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from utils_cv.similarity import collection
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--photos", default=str(Path.home() / ".cache/utils_cv/bench/photos"))
+    parser.add_argument("--min-mp", type=float, default=2.0)
+    parser.add_argument("--max-mp", type=float, default=12.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    src = Path(args.photos).expanduser()
+    if not src.is_dir():
+        sys.exit(f"{src} does not exist: run benchmarks/build_photos.py first.")
+    chosen = []
+    for p in sorted(src.iterdir()):
+        if p.suffix.lower() not in (".jpg", ".jpeg"):
+            continue
+        with Image.open(p) as im:
+            mp = im.size[0] * im.size[1] / 1e6
+        if args.min_mp <= mp <= args.max_mp:
+            chosen.append((p, mp))
+    if len(chosen) < 3:
+        sys.exit(f"only {len(chosen)} JPEGs of {args.min_mp}-{args.max_mp} MP in {src}")
+    extra, chosen = chosen[-1], chosen[:-1]
+    mps = [mp for _, mp in chosen]
+    work = Path(tempfile.mkdtemp(prefix="bench_index_photos."))
+    try:
+        folder = work / "photos"
+        folder.mkdir()
+        for p, _ in chosen:
+            shutil.copy2(p, folder / p.name)
+        rows = []
+
+        def timed(name, out, **kw):
+            t = time.perf_counter()
+            report = collection.index_folder(folder, out, progress=False, **kw)
+            seconds = time.perf_counter() - t
+            rows.append((name, report.total, report.embedded, seconds))
+            return report
+
+        timed("full decode, cold", work / "full", fast_decode=False)
+        timed("reduced-scale decode, cold", work / "fast")
+        shutil.copy2(extra[0], folder / extra[0].name)
+        timed("reduced-scale decode, warm re-run + 1 photo", work / "fast")
+        full = collection.open_collection(work / "full")
+        fast = collection.open_collection(work / "fast")
+        row_of = {e["path"]: i for i, e in enumerate(fast.entries)}
+        cos = np.array([float(full.features[i] @ fast.features[row_of[e["path"]]])
+                        for i, e in enumerate(full.entries)])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = rows[0][1] / rows[0][3]
+    print(f"`{' '.join(['.venv/bin/python', 'benchmarks/bench_index_photos.py'] + (argv or sys.argv[1:]))}`: "
+          f"{len(chosen)} JPEGs of {min(mps):.1f}-{max(mps):.1f} MP (median {np.median(mps):.1f} MP), "
+          f"EfficientNet-Lite0, exact index\n")
+    print("| run | images in index | embedded | seconds | images/s | vs full decode |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, total, embedded, seconds in rows:
+        rate = total / seconds
+        print(f"| {name} | {total} | {embedded} | {seconds:.1f} | {rate:.1f} | {rate / base:.1f}x |")
+    print(f"\nfeatures, reduced-scale vs full decode: mean cosine {cos.mean():.4f}, min {cos.min():.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
