@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from utils_cv.similarity import data, features, metrics, model, train
-from utils_cv.similarity.experiment import RECIPES  # the recipes measured on the default data set
+from utils_cv.similarity.heads import RECIPES  # the one source of the recipes measured on the default data set
 
 KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 

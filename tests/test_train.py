@@ -1,3 +1,4 @@
+import copy
 import json
 
 import numpy as np
@@ -5,7 +6,9 @@ import pytest
 import torch
 
 from conftest import draw_image_folder
-from utils_cv.similarity import data, features, train
+from fastai.callback.core import Callback
+
+from utils_cv.similarity import data, features, metrics, train
 
 
 @pytest.fixture(scope="module")
@@ -40,25 +43,61 @@ def test_training_is_deterministic_on_cpu(folder):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
-def test_retrieval_validation_never_returns_a_worse_model(folder):
-    learn = _learner(folder)
-    start = {k: v.clone() for k, v in learn.model.state_dict().items()}
-    log = train.fine_tune(learn, 2, lr=5.0, freeze_epochs=0, progress=False)  # a learning rate that wrecks it
-    scores = [e["map@r"] for e in log]
-    assert log[0]["epoch"] == 0 and len(scores) == 3
-    best = int(np.argmax(scores))
-    kept = learn.model.state_dict()
-    if best == 0:
-        assert all(torch.equal(kept[k], start[k]) for k in start)
-    m, tf = train.embedding_model(learn)
-    paths, labels = folder
-    valid_cb = train._retrieval_cb(learn)
-    from utils_cv.similarity import metrics
+class _Snapshots(Callback):
+    """Records the weights at the start of training and after every epoch's validation."""
 
-    feats = features.extract_features(m, valid_cb.val_paths, tf, progress=False)
-    final = metrics.evaluate_retrieval(feats, valid_cb.val_labels, ks=(1,))["map@r"]
+    order = 70  # after RetrievalValidation has scored the epoch
+
+    def __init__(self):
+        super().__init__()
+        self.states = []
+
+    def before_fit(self):
+        if not self.states:
+            self.states.append(copy.deepcopy(self.learn.model.state_dict()))
+
+    def after_epoch(self):
+        self.states.append(copy.deepcopy(self.learn.model.state_dict()))
+
+
+def test_retrieval_validation_keeps_the_weights_of_the_best_epoch(folder):
+    learn = _learner(folder)
+    snaps = _Snapshots()
+    learn.add_cb(snaps)
+    result = train.fine_tune(learn, 2, lr=5.0, freeze_epochs=0, progress=False)  # a learning rate that wrecks it
+    scores = [e["map@r"] for e in result.log]
+    assert [e["epoch"] for e in result.log] == [0, 1, 2] and len(snaps.states) == 3
+    best = int(np.argmax(scores))  # the first of equal scores, as the callback keeps
+    assert result.best_epoch == best and result.best_score == pytest.approx(scores[best])
+    kept = learn.model.state_dict()
+    assert all(torch.equal(kept[k], snaps.states[best][k]) for k in kept)
+    m, tf = train.embedding_model(learn)
+    cb = train.retrieval_validation(learn)
+    feats = features.extract_features(m, cb.val_paths, tf, progress=False)
+    final = metrics.evaluate_retrieval(feats, cb.val_labels, ks=(1,))["map@r"]
     assert final == pytest.approx(max(scores), abs=1e-6)
     assert final >= scores[0] - 1e-9
+
+
+def test_fine_tune_returns_a_result_and_leaves_no_state_on_the_learner(folder):
+    learn = _learner(folder, validate_every_epoch=False, device="cpu")
+    before = set(vars(learn))
+    result = train.fine_tune(learn, 1, freeze_epochs=1, progress=False)
+    assert isinstance(result, train.FineTuneResult)
+    assert [e["epoch"] for e in result] == [1, 2] and len(result) == 2 and result[-1] is result.log[-1]
+    assert result.best_epoch is None and result.best_score is None and result.skipped == []
+    assert result.seconds > 0
+    import pandas as pd
+
+    assert list(pd.DataFrame(result)["epoch"]) == [1, 2]
+    for name in ("embedding_transform", "skipped", "similarity_config", "similarity_log"):
+        assert not hasattr(learn, name), name
+    added = set(vars(learn)) - before - {"epoch", "n_epoch", "loss", "pred", "xb", "yb", "smooth_loss", "iter",
+                                         "n_iter", "final_record", "dl", "loss_grad", "lr_finder", "train_iter",
+                                         "pct_train", "training"}
+    assert not added, added
+    assert learn.dls.device == torch.device("cpu")
+    assert learn.model.config["head"] == "softmax" and learn.model.transform is not None
 
 
 def test_embeddings_softmax_penultimate_and_normsoftmax_unit_norm(folder):
@@ -146,16 +185,18 @@ def test_bad_arguments(folder):
         train.create_learner(paths, labels, valid="half", pretrained=False)
 
 
-def test_lr_find_leaves_weights_and_log_alone(folder):
+def test_lr_find_leaves_weights_and_log_alone_and_writes_nothing_here(folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     learn = _learner(folder)
     start = {k: v.clone() for k, v in learn.model.state_dict().items()}
     with learn.no_bar():
         suggestion = learn.lr_find(num_it=8, show_plot=False)
     assert suggestion.valley > 0
-    assert train._retrieval_cb(learn).history == []
+    assert train.retrieval_validation(learn).history == []
     assert all(torch.equal(start[k], v) for k, v in learn.model.state_dict().items())
     log = train.fine_tune(learn, 1, freeze_epochs=0, progress=False)
     assert [e["epoch"] for e in log] == [0, 1]
+    assert list(tmp_path.iterdir()) == [], "lr_find wrote into the working directory"
 
 
 def test_a_batch_larger_than_the_training_set_still_trains(folder, caplog):
@@ -166,35 +207,3 @@ def test_a_batch_larger_than_the_training_set_still_trains(folder, caplog):
     train.fine_tune(learn, 0, freeze_epochs=1, progress=False)
     after = list(learn.model.classifier.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before)), "the head was trained"
-
-
-SAVE_CHILD = """
-import sys
-from conftest import draw_image_folder
-from pathlib import Path
-from utils_cv.similarity import data, train
-root = draw_image_folder(Path(sys.argv[2]), per_class=4)
-paths, labels = data.list_images(root)
-learn = train.create_learner(paths, labels, backbone="resnet50", pretrained=False, image_size=32, valid=0.25,
-                             validate_every_epoch=False)
-while True:
-    train.save(learn, sys.argv[1])
-    print("saved", flush=True)
-"""
-
-
-@pytest.mark.parametrize("fraction", [0.3, 0.9])
-def test_killing_a_process_mid_save_leaves_a_loadable_model(folder, tmp_path, fraction):
-    """SIGKILL while a ~95 MB model file is being written: the file on disk still loads."""
-    import os
-    from pathlib import Path
-
-    from conftest import kill_mid_save
-
-    target = tmp_path / "model.pth"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
-    kill_mid_save(SAVE_CHILD, [str(target), str(tmp_path / "imgs")], fraction, env=env)
-    module, _ = train.load(target)
-    assert module.metadata["backbone"] == "resnet50"
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".model.pth")]
-    assert all(p.endswith(".tmp") for p in leftovers), leftovers  # at most the killed write's temp file

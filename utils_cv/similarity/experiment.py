@@ -18,21 +18,16 @@ from utils_cv.similarity import metrics
 from utils_cv.similarity import model as model_mod
 from utils_cv.similarity import rerank as rerank_mod
 from utils_cv.similarity import train
+from utils_cv.similarity import heads
+from utils_cv.similarity.heads import FIT_KEYS, HEADS, LEARNER_KEYS, RECIPES
 
 __all__ = ["RECIPES", "disjoint_split", "evaluate", "imagenet_baseline", "run", "sweep", "table"]
 
 log = logging.getLogger(__name__)
 
-# measured on the default data set (README, "Quality"); each key is a create_learner or
-# fine_tune argument
-RECIPES = {
-    "softmax": dict(backbone="efficientnet_lite0", image_size=160, freeze_epochs=2, epochs=8, freeze_lr=1e-2,
-                    lr=2e-3, lr_mult=5, embedding_dim=None),
-    "normsoftmax": dict(backbone="efficientnet_lite0", image_size=160, freeze_epochs=3, epochs=8, freeze_lr=1e-2,
-                        lr=2e-3, lr_mult=10, embedding_dim=512),
-}
-_LEARNER_ARGS = {"backbone", "image_size", "embedding_dim", "batch_size", "temperature", "augment", "freeze_bn"}
-_FIT_ARGS = {"epochs", "freeze_epochs", "freeze_lr", "lr", "lr_mult"}
+# RECIPES (re-exported) is heads.RECIPES: the one source of the measured defaults
+_LEARNER_ARGS = set(LEARNER_KEYS) | {"batch_size", "temperature", "augment", "freeze_bn", "pretrained"}
+_FIT_ARGS = set(FIT_KEYS)
 METRIC_KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 
 
@@ -94,10 +89,11 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
     """Fine-tune one recipe and evaluate it on the test images.
 
     Args:
-        head: ``"softmax"`` or ``"normsoftmax"``; its entry of :data:`RECIPES` gives the
-            defaults, ``recipe`` overrides them (``backbone``, ``image_size``, ``epochs``,
-            ``freeze_epochs``, ``lr``, ``freeze_lr``, ``lr_mult``, ``embedding_dim``,
-            ``batch_size``...); a value of None keeps the recipe's.
+        head: a registered head (``heads.HEADS``: ``"softmax"``, ``"normsoftmax"``...); its
+            entry of :data:`RECIPES` (``heads.RECIPES``) gives the defaults, ``recipe``
+            overrides them (``backbone``, ``image_size``, ``epochs``, ``freeze_epochs``,
+            ``lr``, ``freeze_lr``, ``lr_mult``, ``embedding_dim``, ``batch_size``,
+            ``pretrained``...); a value of None keeps the recipe's.
         valid: ``create_learner``'s per-epoch retrieval validation (a share of the training
             images, or held-out ``(paths, labels)``).
         name: the row's name (default: the head).
@@ -106,26 +102,26 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
         The recipe, the test metrics, ``train_seconds`` and ``seconds`` (training and
         evaluation), ``best_epoch`` and the training ``log``.
     """
-    if head not in RECIPES:
-        raise ValueError(f"The 'head' parameter must be one of {set(RECIPES)}. Got {head!r} instead.")
+    if head not in HEADS:
+        raise ValueError(f"The 'head' parameter must be one of {sorted(HEADS)}. Got {head!r} instead.")
     unknown = set(recipe) - _LEARNER_ARGS - _FIT_ARGS
     if unknown:
         raise ValueError(f"Unknown recipe parameters {sorted(unknown)}; known: {sorted(_LEARNER_ARGS | _FIT_ARGS)}.")
     if head == "softmax" and recipe.get("embedding_dim") is not None:
         raise ValueError("'embedding_dim' applies to head='normsoftmax'; the softmax embedding is the backbone's width.")
-    config = {**RECIPES[head], **{k: v for k, v in recipe.items() if v is not None}}  # None: the recipe's value
+    # a value of None keeps the recipe's
+    config = {**heads.recipe(head), **{k: v for k, v in recipe.items() if v is not None}}
     start = time.perf_counter()
     learner = train.create_learner(train_paths, train_labels, head=head, seed=seed, valid=valid,
                                    **{k: v for k, v in config.items() if k in _LEARNER_ARGS})
     fit = {k: v for k, v in config.items() if k in _FIT_ARGS}
-    log_ = train.fine_tune(learner, fit.pop("epochs"), progress=False, **fit)
+    fitted = train.fine_tune(learner, fit.pop("epochs"), progress=False, **fit)
     train_seconds = time.perf_counter() - start
     net, transform = train.embedding_model(learner)
     result = {"model": name or head, "head": head, "seed": seed, **config,
               **evaluate(net, transform, test_paths, test_labels, rerank),
-              "train_seconds": train_seconds, "seconds": time.perf_counter() - start, "log": log_}
-    scored = [e for e in log_ if "map@r" in e]
-    result["best_epoch"] = max(scored, key=lambda e: e["map@r"])["epoch"] if scored else None
+              "train_seconds": train_seconds, "seconds": time.perf_counter() - start, "log": list(fitted.log),
+              "best_epoch": fitted.best_epoch}
     log.info("%s: %s (%.0f s)", result["model"], ", ".join(f"{k} {result[k]:.3f}" for k in METRIC_KEYS),
              result["seconds"])
     return result
@@ -144,7 +140,7 @@ def sweep(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequen
         raise ValueError("The 'grid' parameter is empty: give {parameter: [values]}.")
     base = dict(base or {})
     base_head = base.pop("head", head)
-    reference = {**RECIPES[base_head], **base}
+    reference = {**heads.recipe(base_head), **base}
     rows = [{**run(train_paths, train_labels, test_paths, test_labels, head=base_head, seed=seed, valid=valid,
                    name="base", **base), "varied": "base"}]
     for param, values in grid.items():

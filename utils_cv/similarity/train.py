@@ -1,128 +1,68 @@
-"""Fine-tuning for similarity with fastai: a softmax baseline and a NormSoftmax head.
-
-The recipe ("Classification is a Strong Baseline for Deep Metric Learning", Zhai & Wu,
-BMVC 2019): train a classifier and use its penultimate representation as the embedding.
-NormSoftmax makes the embedding and the class weights unit-length and divides their cosine
-by a temperature (0.05), after a parameter-free LayerNorm of the pooled features; batches are
-class-balanced and the head learns faster than the body.
+"""Fine-tuning for similarity with fastai: train a classifier, use its penultimate
+representation as the embedding (Zhai & Wu, BMVC 2019). Heads, losses and the measured recipes
+live in :mod:`~utils_cv.similarity.heads`; saving and loading in
+:mod:`~utils_cv.similarity.checkpoint` (``save`` / ``load`` are re-exported here).
 
 Retrieval-aware validation: after every epoch (and once before the first) the callback
 :class:`RetrievalValidation` embeds validation images, measures MAP@R and keeps the best
 weights, so training never hands back a model that retrieves worse on validation data than
 the pretrained one it started from. Why: plain fine-tuning on few classes was measured to
-make retrieval on unseen classes worse than ImageNet features.
+make retrieval on unseen classes worse than ImageNet features. Not fastai's
+``SaveModelCallback``: it monitors fastai's own validation pass, so it can score neither the
+starting weights (epoch 0) nor a retrieval metric over other images, and it writes each best
+state to a file.
 
-Randomness: fastai draws from the global torch / numpy / random generators, so
-:func:`fine_tune` seeds them inside ``torch.random.fork_rng`` and restores the caller's
-numpy and random states afterwards.
+State lives in objects this library creates, never on the Learner: the ``SimilarityNet``
+(config, eval transform) and the :class:`RetrievalValidation` callback (log, best epoch,
+images left out); :func:`fine_tune` returns them as a :class:`FineTuneResult`.
+
+Randomness: fastai draws from the global generators, so :func:`fine_tune` seeds them inside
+``torch.random.fork_rng`` and restores the caller's numpy and random states afterwards.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
-import os
 import random
+import tempfile
+import time
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import fastai.vision.all as fv
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from utils_cv.common.paths import atomic_write
-from utils_cv.common.versions import library_versions
+from utils_cv.common.device import default_device
 from utils_cv.similarity import data as data_mod
-from utils_cv.similarity import features as features_mod
-from utils_cv.similarity import metrics as metrics_mod
 from utils_cv.similarity import model as model_mod
+from utils_cv.similarity.callbacks import FrozenBatchNormStats, RetrievalValidation, retrieval_validation
+from utils_cv.similarity.checkpoint import FORMAT, load, save
+from utils_cv.similarity.heads import (DEFAULT_HEAD, HEADS, EmbeddingModel, SimilarityNet, create_loss, head_factory,
+                                       recipe)
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "FORMAT",
     "HEADS",
+    "FineTuneResult",
     "RetrievalValidation",
     "SimilarityNet",
     "create_learner",
     "embedding_model",
     "fine_tune",
     "load",
+    "retrieval_validation",
     "save",
 ]
 
-HEADS = ("softmax", "normsoftmax")
-FORMAT = "utils_cv.similarity/1"
-
-
-class _CosineClassifier(nn.Module):
-    """Logits = cos(embedding, class weight) / temperature."""
-
-    def __init__(self, dim: int, n_classes: int, temperature: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(n_classes, dim) * 0.01)
-        self.temperature = temperature
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1)) / self.temperature
-
-
-class SimilarityNet(nn.Module):
-    """Backbone + head. ``forward`` gives class logits (for training), ``embed`` the embedding.
-
-    * ``softmax``: pooled backbone features -> dropout -> linear classifier; the embedding is
-      the pooled features (the penultimate representation).
-    * ``normsoftmax``: pooled features -> LayerNorm (no affine) -> linear to
-      ``embedding_dim`` -> cosine classifier / temperature; the embedding is the L2-normalised
-      output of the linear layer.
-    """
-
-    def __init__(self, body: nn.Module, n_classes: int, head: str = "softmax", embedding_dim: int | None = None,
-                 temperature: float = 0.05, dropout: float = 0.2):
-        super().__init__()
-        if head not in HEADS:
-            raise ValueError(f"The 'head' parameter must be one of {set(HEADS)}. Got {head!r} instead.")
-        self.body = body
-        self.head_type = head
-        width = int(body.feature_dim)
-        if head == "softmax":
-            self.neck = nn.Identity()
-            self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, n_classes))
-            self.embedding_dim = width
-        else:
-            dim = int(embedding_dim or 512)
-            self.neck = nn.Sequential(nn.LayerNorm(width, elementwise_affine=False), nn.Linear(width, dim))
-            self.classifier = _CosineClassifier(dim, n_classes, temperature)
-            self.embedding_dim = dim
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.neck(self.body(x))
-        return F.normalize(z, dim=1) if self.head_type == "normsoftmax" else z
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.neck(self.body(x)))
-
-
-class _Embedder(nn.Module):
-    """The embedding half of a :class:`SimilarityNet`, as a plain module (no hooks)."""
-
-    def __init__(self, net: SimilarityNet):
-        super().__init__()
-        self.net = net
-        self.feature_dim = net.embedding_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.embed(x)
-
 
 # ---------------------------------------------------------------------------- data
-def _fastai():
-    import fastai.vision.all as fv
-
-    return fv
-
-
 def _transform_config(transform) -> dict:
     """mean, std, interpolation and sizes of a backbone's eval transform."""
     cfg = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
@@ -156,10 +96,10 @@ def _split_valid(paths, labels, valid, seed):
 def create_learner(
     paths: Sequence,
     labels: Sequence[str],
-    backbone: str = "efficientnet_lite0",
-    head: str = "softmax",
+    backbone: str | None = None,
+    head: str | Callable = DEFAULT_HEAD,
     embedding_dim: int | None = None,
-    image_size: int = 160,
+    image_size: int | None = None,
     batch_size: int = 32,
     seed: int = 0,
     valid: float | tuple = 0.2,
@@ -168,16 +108,22 @@ def create_learner(
     augment: bool = True,
     validate_every_epoch: bool = True,
     freeze_bn: bool | None = None,
-):
+    loss: str | Callable | None = None,
+    device: str | torch.device | None = None,
+) -> fv.Learner:
     """A fastai Learner that fine-tunes ``backbone`` for similarity.
+
+    ``backbone``, ``image_size`` and ``embedding_dim`` left None come from the head's recipe
+    (``heads.RECIPES``: efficientnet_lite0 at 160 px, measured better than 192 and faster
+    than 224 on the default data set; 512-d for NormSoftmax).
 
     Args:
         paths, labels: the training images and their classes.
         backbone: a name from ``model.available_backbones()`` (offline weights by default).
-        head: ``"softmax"`` or ``"normsoftmax"``.
-        embedding_dim: NormSoftmax embedding size (default 512).
-        image_size: training and embedding input side (160 was measured better than 192 and
-            faster than 224 on the default data set).
+        head: a registered name (``heads.HEADS``: ``"softmax"``, ``"normsoftmax"``) or a head
+            factory (``heads.register_head``).
+        embedding_dim: the embedding size of heads that choose one.
+        image_size: training and embedding input side.
         batch_size: images per step.
         seed: seeds the split, the head's initialisation and the training order.
         valid: a share of ``paths`` (stratified) held out for validation, or a
@@ -191,33 +137,51 @@ def create_learner(
         freeze_bn: keep the batch-norm statistics of the pretrained backbone (recommended
             for small data sets and batches); None: frozen when ``pretrained``, updated when
             training from random weights.
+        loss: None (the head's loss, cross-entropy for the built-ins), a registered name
+            (``heads.LOSSES``) or a callable ``loss(output, target)``; an ``nn.Module`` loss
+            with parameters has them trained with the head.
+        device: where to train; None: ``utils_cv.common.device.default_device()``.
 
     Returns:
-        A fastai ``Learner``; ``learner.embedding_transform`` is the eval preprocessing and
-        ``learner.skipped`` lists ``(path, reason)`` for images left out because they do not
-        decode (each is logged).
+        A fastai ``Learner`` whose model is a ``heads.SimilarityNet``. Images that do not
+        decode are left out, logged and listed by :func:`fine_tune`'s result. Its ``path`` is
+        the temporary folder, so ``lr_find`` writes nothing in the working directory.
     """
-    fv = _fastai()
     if len(paths) != len(labels):
         raise ValueError(f"'paths' has {len(paths)} items but 'labels' has {len(labels)}: they must be aligned.")
-    if head not in HEADS:
-        raise ValueError(f"The 'head' parameter must be one of {set(HEADS)}. Got {head!r} instead.")
+    head_name, _ = head_factory(head)
+    defaults = recipe(head_name)
+    backbone = defaults["backbone"] if backbone is None else backbone
+    image_size = defaults["image_size"] if image_size is None else image_size
+    embedding_dim = defaults["embedding_dim"] if embedding_dim is None else embedding_dim
+    device = default_device() if device is None else torch.device(device)
     # decode every image once: a truncated file would otherwise stop training mid-epoch
     paths, labels, skipped = data_mod.decodable([Path(p) for p in paths], [str(label) for label in labels])
     if isinstance(valid, tuple) and len(valid) == 2:
         v_paths, v_labels, v_skipped = data_mod.decodable([Path(p) for p in valid[0]], list(valid[1]))
         valid, skipped = (v_paths, v_labels), skipped + v_skipped
     if skipped:
-        logger.warning("%d image(s) left out of training because they do not decode (learner.skipped lists them)",
-                       len(skipped))
+        logger.warning("%d image(s) left out of training because they do not decode (fine_tune(...).skipped lists "
+                       "them)", len(skipped))
     if not paths:
         raise ValueError("None of the training images decodes; see the log for the reason of each.")
     train_idx, valid_idx, retrieval = _split_valid(paths, labels, valid, seed)
     classes = sorted({labels[i] for i in train_idx})
+    if freeze_bn is None:
+        freeze_bn = pretrained
     with _seeded(seed):  # random weights (pretrained=False) and the head's initialisation
         body, transform = model_mod.create_backbone(backbone, pretrained=pretrained, image_size=image_size)
         cfg = _transform_config(transform)
-        net = SimilarityNet(body, len(classes), head=head, embedding_dim=embedding_dim, temperature=temperature)
+        net = SimilarityNet(body, len(classes), head=head, embedding_dim=embedding_dim, temperature=temperature,
+                            transform=transform)
+    net.config = {
+        "backbone": backbone, "head": head_name, "embedding_dim": net.embedding_dim, "image_size": image_size,
+        "classes": classes, "temperature": temperature, "preprocessing": cfg, "seed": seed, "freeze_bn": freeze_bn,
+    }
+    loss_func = create_loss(loss, n_classes=len(classes), embedding_dim=net.embedding_dim, default=net.default_loss)
+    if isinstance(loss, str):
+        net.config["loss"] = loss
+    loss_params = list(loss_func.to(device).parameters()) if isinstance(loss_func, nn.Module) else []
 
     items = list(range(len(paths)))
     if augment:
@@ -236,13 +200,12 @@ def create_learner(
         item_tfms=item_tfms,
         batch_tfms=batch_tfms,
     )
-    device = None if torch.cuda.is_available() else torch.device("cpu")
     if batch_size > len(train_idx):  # fastai drops the last incomplete batch: a bigger batch would train nothing
         logger.warning("batch_size %d is more than the %d training images; using %d.", batch_size, len(train_idx),
                        len(train_idx))
         batch_size = len(train_idx)
     with _seeded(seed):
-        if head == "normsoftmax":  # class-balanced batches: each image drawn with weight 1 / its class size
+        if net.balanced_batches:  # each image drawn with weight 1 / its class size
             counts = {c: sum(labels[i] == c for i in train_idx) for c in classes}
             wgts = np.array([1.0 / counts.get(labels[i], 1) for i in items])  # fastai picks the train rows
             dls = block.weighted_dataloaders(items, wgts=wgts, bs=batch_size, num_workers=0, device=device)
@@ -250,23 +213,16 @@ def create_learner(
             dls = block.dataloaders(items, bs=batch_size, num_workers=0, device=device)
     if not validate_every_epoch:
         retrieval = ([], [])
-    if freeze_bn is None:
-        freeze_bn = pretrained
-    cbs = [RetrievalValidation(retrieval[0], retrieval[1], transform)]
+    cbs = [RetrievalValidation(retrieval[0], retrieval[1], transform, skipped=skipped)]
     if freeze_bn:
-        cbs.append(_bn_freeze_callback())
-    learner = fv.Learner(dls, net, loss_func=fv.CrossEntropyLossFlat(), metrics=fv.accuracy,
-                         splitter=lambda m: [list(m.body.parameters()), list(m.neck.parameters()) + list(m.classifier.parameters())],
-                         cbs=cbs)
-    if not torch.cuda.is_available():
+        cbs.append(FrozenBatchNormStats())
+    learner = fv.Learner(dls, net, loss_func=loss_func, metrics=fv.accuracy if net.logits else None,
+                         splitter=lambda m: [list(m.body.parameters()),
+                                             list(m.neck.parameters()) + list(m.classifier.parameters()) + loss_params],
+                         cbs=cbs, path=Path(tempfile.gettempdir()), model_dir=".")
+    if device.type != "cuda":
         learner.model = learner.model.to(memory_format=torch.channels_last)
     learner.logger = lambda row: logger.info("epoch log: %s", row)  # library code logs, it does not print
-    learner.embedding_transform = transform
-    learner.skipped = skipped
-    learner.similarity_config = {
-        "backbone": backbone, "head": head, "embedding_dim": net.embedding_dim, "image_size": image_size,
-        "classes": classes, "temperature": temperature, "preprocessing": cfg, "seed": seed, "freeze_bn": freeze_bn,
-    }
     return learner
 
 
@@ -286,216 +242,100 @@ def _seeded(seed: int):
             random.setstate(py_state)
 
 
-class RetrievalValidation:
-    """fastai callback: the per-epoch log (losses, accuracy and, when validation images are
-    given, their MAP@R, measured once before training too); at the end of each fit the
-    weights with the best MAP@R (epoch 0, the starting point, included) are restored."""
+@dataclass
+class FineTuneResult(SequenceABC):
+    """What :func:`fine_tune` did. Indexing and iterating go through ``log`` (the per-epoch
+    list of dicts earlier versions returned), so ``pd.DataFrame(result)`` and
+    ``plot.plot_training_log(result)`` work as before.
 
-    def __new__(cls, *args, **kwargs):
-        fv = _fastai()
+    Attributes:
+        log: one dict per epoch (0 = before training, when validating by retrieval) with the
+            losses, accuracy and ``map@r`` on the validation images.
+        best_epoch: the epoch whose weights the model holds (None without validation images).
+        best_score: its validation MAP@R (None without validation images).
+        skipped: ``(path, reason)`` for each image left out because it does not decode.
+        seconds: wall-clock time of the call.
+    """
 
-        class _Callback(fv.Callback):
-            order = 60  # after the Recorder has logged the epoch
+    log: list[dict]
+    best_epoch: int | None = None
+    best_score: float | None = None
+    skipped: list = field(default_factory=list)
+    seconds: float = 0.0
 
-            def __init__(self, paths, labels, transform, batch_size=32):
-                self.val_paths, self.val_labels, self.transform = list(paths), list(labels), transform
-                self.batch_size = batch_size
-                self.history: list[dict] = []
-                self.best_score, self.best_state, self.best_epoch = -1.0, None, None
-                counts = {c: self.val_labels.count(c) for c in set(self.val_labels)}
-                self.measures = bool(counts) and max(counts.values()) >= 2
+    def __getitem__(self, i):
+        return self.log[i]
 
-            def _score(self) -> float:
-                module = _Embedder(self.learn.model)
-                feats = features_mod.extract_features(module, self.val_paths, self.transform,
-                                                      batch_size=self.batch_size, progress=False)
-                return metrics_mod.evaluate_retrieval(feats, self.val_labels, ks=(1,))["map@r"]
-
-            def _record(self, entry: dict) -> None:
-                if self.measures:
-                    entry["map@r"] = score = self._score()
-                    logger.info("epoch %d: validation MAP@R %.4f", entry["epoch"], score)
-                    if score > self.best_score:
-                        self.best_score, self.best_epoch = score, entry["epoch"]
-                        self.best_state = copy.deepcopy(self.learn.model.state_dict())
-                self.history.append(entry)
-
-            # Learner.validate fires fit and epoch events too: only epochs that trained count
-            def before_fit(self):
-                self.trained_in_fit = False
-                # lr_find trains with wild learning rates and restores the weights itself
-                self.active = not hasattr(self.learn, "lr_finder")
-
-            def before_epoch(self):
-                self.trained_in_epoch = False
-
-            def before_train(self):
-                if not getattr(self, "active", True):
-                    return
-                if not self.history and self.measures:
-                    self._record({"epoch": 0})  # the starting point
-                self.trained_in_fit = self.trained_in_epoch = True
-
-            def after_epoch(self):
-                if not getattr(self, "trained_in_epoch", False):
-                    return
-                entry = {"epoch": len(self.history) + (0 if self.measures else 1)}
-                for name, value in zip(self.learn.recorder.metric_names, self.learn.recorder.log):
-                    if name not in ("epoch", "time"):
-                        with contextlib.suppress(TypeError, ValueError):
-                            entry[name] = float(value)
-                self._record(entry)
-
-            def after_fit(self):
-                if getattr(self, "trained_in_fit", False) and self.best_state is not None:
-                    self.learn.model.load_state_dict(self.best_state)
-                    logger.info("kept the weights of epoch %s (validation MAP@R %.4f)", self.best_epoch, self.best_score)
-
-        return _Callback(*args, **kwargs)
+    def __len__(self) -> int:
+        return len(self.log)
 
 
-def _bn_freeze_callback():
-    fv = _fastai()
-
-    class FrozenBatchNormStats(fv.Callback):
-        """Keep every batch norm in eval mode while training: its statistics stay those of
-        the pretrained network (small, augmented batches would otherwise drift them; measured
-        here to cost validation MAP@R even in the frozen epochs)."""
-
-        order = 1  # after TrainEvalCallback has put the model in train mode
-
-        def before_train(self):
-            for m in self.learn.model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-
-    return FrozenBatchNormStats()
+def _count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"The '{name}' parameter must be an integer >= 0. Got {value!r} instead.")
+    return int(value)
 
 
-def _retrieval_cb(learner):
-    for cb in learner.cbs:
-        if hasattr(cb, "history") and hasattr(cb, "best_state"):
-            return cb
-    return None
-
-
-def fine_tune(learner, epochs: int, lr: float | None = None, freeze_epochs: int = 2, seed: int | None = None,
-              progress: bool = True, lr_mult: float = 5, freeze_lr: float | None = 1e-2) -> list[dict]:
+def fine_tune(learner, epochs: int | None = None, lr: float | None = None, freeze_epochs: int | None = None,
+              seed: int | None = None, progress: bool = True, lr_mult: float | None = None,
+              freeze_lr: float | None = None) -> FineTuneResult:
     """fastai one-cycle fine-tuning: ``freeze_epochs`` with the body frozen, then ``epochs``
     with everything training (the body at ``lr / lr_mult``, the head at ``lr``).
 
-    The defaults are the recipe measured on the default data set (README, "Quality"): 2
-    frozen epochs at 1e-2, then the body at 4e-4 and the head at 2e-3. fastai's own defaults
-    (1 frozen epoch, body at lr / 100) left the embedding close to the ImageNet one.
+    Arguments left None come from the recipe of the learner's head (``heads.RECIPES``,
+    README "Quality"); softmax: 2 frozen epochs at 1e-2, then 8 with the body at 4e-4 and the
+    head at 2e-3. fastai's defaults (1 frozen epoch, body at lr / 100) left the embedding
+    close to the ImageNet one.
 
     Args:
         learner: from :func:`create_learner`.
         epochs: unfrozen epochs.
-        lr: the head's learning rate once unfrozen; None uses 2e-3. ``learner.lr_find()``
-            suggests one.
+        lr: the head's learning rate once unfrozen (``learner.lr_find()`` suggests one).
         freeze_epochs: epochs with only the head training.
-        lr_mult: the body learns ``lr_mult`` times slower than the head once unfrozen.
-        freeze_lr: the learning rate of the frozen epochs; None uses fastai's ``2 * lr``.
         seed: the training order and augmentation; default the learner's seed.
         progress: fastai's progress bars.
+        lr_mult: the body learns ``lr_mult`` times slower than the head once unfrozen.
+        freeze_lr: the learning rate of the frozen epochs (fastai's own choice is ``2 * lr``).
 
     Returns:
-        The per-epoch log: one dict per epoch (0 = before training) with ``map@r`` on the
-        validation images when the learner validates by retrieval, and the losses.
+        A :class:`FineTuneResult`; the learner's model holds the weights of its best epoch.
     """
-    if epochs < 0 or freeze_epochs < 0:
-        raise ValueError("'epochs' and 'freeze_epochs' must be >= 0.")
-    config = getattr(learner, "similarity_config", {})
-    if lr is None:
-        lr = 2e-3
-    seed = config.get("seed", 0) if seed is None else seed
+    net = learner.model
+    if not isinstance(net, SimilarityNet):
+        raise TypeError("fine_tune needs a Learner from train.create_learner (its model is a SimilarityNet).")
+    defaults = recipe(net.config.get("head"))
+    epochs = _count("epochs", defaults["epochs"] if epochs is None else epochs)
+    freeze_epochs = _count("freeze_epochs", defaults["freeze_epochs"] if freeze_epochs is None else freeze_epochs)
+    lr = defaults["lr"] if lr is None else lr
+    lr_mult = defaults["lr_mult"] if lr_mult is None else lr_mult
+    freeze_lr = defaults["freeze_lr"] if freeze_lr is None else freeze_lr
+    seed = net.config.get("seed", 0) if seed is None else seed
+    start = time.perf_counter()
     ctx = contextlib.nullcontext() if progress else learner.no_bar()
     with _seeded(seed), ctx:
         if freeze_epochs > 0:
             learner.freeze()
-            learner.fit_one_cycle(freeze_epochs, 2 * lr if freeze_lr is None else freeze_lr)
+            learner.fit_one_cycle(freeze_epochs, freeze_lr)
         learner.unfreeze()
         if epochs > 0:
             learner.fit_one_cycle(epochs, slice(lr / lr_mult, lr), pct_start=0.3, div=5.0)
-    cb = _retrieval_cb(learner)
-    log = [dict(h) for h in cb.history] if cb is not None else []
-    learner.similarity_log = log
-    return log
+    cb = retrieval_validation(learner)
+    if cb is None:
+        return FineTuneResult([], seconds=time.perf_counter() - start)
+    return FineTuneResult([dict(h) for h in cb.history], best_epoch=cb.best_epoch,
+                          best_score=None if cb.best_epoch is None else cb.best_score, skipped=list(cb.skipped),
+                          seconds=time.perf_counter() - start)
 
 
-# ---------------------------------------------------------------------------- using and saving
+# ---------------------------------------------------------------------------- using
 def embedding_model(learner) -> tuple[nn.Module, Callable]:
     """``(module, transform)`` for ``features.extract_features``: the penultimate pooled
-    features (softmax) or the normalised embedding (NormSoftmax), in eval mode."""
+    features (softmax) or the normalised embedding (NormSoftmax), in eval mode.
+
+    The module wraps a copy of the learner's network (a snapshot: later training does not
+    change it, and the learner's model keeps its own train / eval mode).
+    """
     net = learner.model if hasattr(learner, "model") else learner
     if not isinstance(net, SimilarityNet):
         raise TypeError("embedding_model needs a Learner from train.create_learner (its model is a SimilarityNet).")
-    module = _Embedder(net).eval()
-    return module, learner.embedding_transform
-
-
-def save(learner, path: str | os.PathLike) -> Path:
-    """Save weights + metadata in one file (atomically), and the metadata as JSON beside it.
-
-    The file holds ``{"format", "metadata" (a JSON string), "state_dict"}``; it loads with
-    ``torch.load(..., weights_only=True)``. ``<path>.json`` repeats the metadata for people
-    and tools; :func:`load` reads the copy inside the weights file.
-    """
-    path = Path(path)
-    config = dict(getattr(learner, "similarity_config", {}))
-    if not config:
-        raise ValueError("save needs a Learner from train.create_learner (no similarity_config found).")
-    net = learner.model
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    meta = {"format": FORMAT, **config, "versions": library_versions("torch", "timm", "fastai"),
-            "tensors": {k: list(v.shape) for k, v in state.items()}}
-    if getattr(learner, "similarity_log", None):
-        meta["training_log"] = learner.similarity_log
-    text = json.dumps(meta, indent=1, default=str)
-    with atomic_write(path) as f:
-        torch.save({"format": FORMAT, "metadata": text, "state_dict": state}, f)
-    with atomic_write(path.with_name(path.name + ".json"), "w") as f:
-        f.write(text)
-    return path
-
-
-def load(path: str | os.PathLike) -> tuple[nn.Module, Callable]:
-    """Rebuild a saved model: ``(module, transform)`` ready for ``features.extract_features``.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not a file written by :func:`save`, or its metadata does not match its
-            weights (names, shapes or classes); the message says what differs.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Model file {str(path)!r} does not exist.")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupted or not a torch file, or unsafe pickle
-        raise ValueError(f"{str(path)!r} is not a readable model file ({type(exc).__name__}: {exc}).") from exc
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT or "metadata" not in blob or "state_dict" not in blob:
-        raise ValueError(f"{str(path)!r} was not written by utils_cv.similarity.train.save (format {FORMAT}).")
-    try:
-        meta = json.loads(blob["metadata"])
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{str(path)!r}: its metadata is not valid JSON ({exc}).") from exc
-    state = blob["state_dict"]
-    declared = meta.get("tensors", {})
-    actual = {k: list(v.shape) for k, v in state.items()}
-    if declared != actual:
-        diff = sorted(k for k in set(declared) | set(actual) if declared.get(k) != actual.get(k))
-        raise ValueError(f"{str(path)!r}: its weights do not match its metadata (differences in {diff[:5]}).")
-    for key in ("backbone", "head", "classes", "image_size", "embedding_dim"):
-        if key not in meta:
-            raise ValueError(f"{str(path)!r}: metadata lacks {key!r}.")
-    body, transform = model_mod.create_backbone(meta["backbone"], pretrained=False, image_size=meta["image_size"])
-    net = SimilarityNet(body, len(meta["classes"]), head=meta["head"], embedding_dim=meta["embedding_dim"],
-                        temperature=meta.get("temperature", 0.05))
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{str(path)!r}: its weights do not fit a {meta['backbone']} / {meta['head']} model ({exc}).") from exc
-    module = _Embedder(net).eval()
-    module.metadata = meta
-    return module, transform
+    return EmbeddingModel(copy.deepcopy(net)).eval(), net.transform

@@ -1,0 +1,114 @@
+"""fastai callbacks of the similarity training: the retrieval validation that keeps the best
+weights, and frozen batch-norm statistics. :mod:`utils_cv.similarity.train` adds them to the
+Learners it builds (see its docstring for why the validation is not fastai's
+``SaveModelCallback``).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from typing import Callable, Sequence
+
+from fastai.callback.core import Callback
+from torch import nn
+
+from utils_cv.similarity import features as features_mod
+from utils_cv.similarity import metrics as metrics_mod
+from utils_cv.similarity.heads import EmbeddingModel
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FrozenBatchNormStats", "RetrievalValidation", "retrieval_validation"]
+
+
+class RetrievalValidation(Callback):
+    """The per-epoch log (losses, accuracy, and the MAP@R of the validation images, measured
+    before training too); at the end of each fit the weights with the best MAP@R (epoch 0,
+    the starting point, included) are restored.
+
+    Args:
+        paths, labels: the retrieval validation images (empty: log only, no MAP@R).
+        transform: their eval preprocessing; None: the learner's ``SimilarityNet.transform``.
+        batch_size: images per forward pass when embedding them.
+        skipped: ``(path, reason)`` of images left out of training, reported with the log.
+    """
+
+    order = 60  # after the Recorder has logged the epoch
+
+    def __init__(self, paths: Sequence = (), labels: Sequence[str] = (), transform: Callable | None = None,
+                 batch_size: int = 32, skipped: Sequence = ()):
+        super().__init__()
+        self.val_paths, self.val_labels, self.transform = list(paths), list(labels), transform
+        self.batch_size = batch_size
+        self.skipped = list(skipped)
+        self.history: list[dict] = []
+        self.best_score, self.best_state, self.best_epoch = -1.0, None, None
+        counts = {c: self.val_labels.count(c) for c in set(self.val_labels)}
+        self.measures = bool(counts) and max(counts.values()) >= 2
+        self.active = self.trained_in_fit = self.trained_in_epoch = False
+
+    def _score(self) -> float:
+        net = self.learn.model
+        transform = self.transform if self.transform is not None else net.transform
+        feats = features_mod.extract_features(EmbeddingModel(net), self.val_paths, transform,
+                                              batch_size=self.batch_size, progress=False)
+        return metrics_mod.evaluate_retrieval(feats, self.val_labels, ks=(1,))["map@r"]
+
+    def _record(self, entry: dict) -> None:
+        if self.measures:
+            entry["map@r"] = score = self._score()
+            logger.info("epoch %d: validation MAP@R %.4f", entry["epoch"], score)
+            if score > self.best_score:
+                self.best_score, self.best_epoch = score, entry["epoch"]
+                self.best_state = copy.deepcopy(self.learn.model.state_dict())
+        self.history.append(entry)
+
+    # Learner.validate fires fit and epoch events too: only epochs that trained count
+    def before_fit(self):
+        self.trained_in_fit = False
+        # lr_find trains with wild learning rates and restores the weights itself
+        self.active = not hasattr(self.learn, "lr_finder")
+
+    def before_epoch(self):
+        self.trained_in_epoch = False
+
+    def before_train(self):
+        if not self.active:
+            return
+        if not self.history and self.measures:
+            self._record({"epoch": 0})  # the starting point
+        self.trained_in_fit = self.trained_in_epoch = True
+
+    def after_epoch(self):
+        if not self.trained_in_epoch:
+            return
+        entry = {"epoch": len(self.history) + (0 if self.measures else 1)}
+        for name, value in zip(self.learn.recorder.metric_names, self.learn.recorder.log):
+            if name not in ("epoch", "time"):
+                with contextlib.suppress(TypeError, ValueError):
+                    entry[name] = float(value)
+        self._record(entry)
+
+    def after_fit(self):
+        if self.trained_in_fit and self.best_state is not None:
+            self.learn.model.load_state_dict(self.best_state)
+            logger.info("kept the weights of epoch %s (validation MAP@R %.4f)", self.best_epoch, self.best_score)
+
+
+class FrozenBatchNormStats(Callback):
+    """Keep every batch norm in eval mode while training: its statistics stay those of the
+    pretrained network (small, augmented batches would otherwise drift them; measured here
+    to cost validation MAP@R even in the frozen epochs)."""
+
+    order = 1  # after TrainEvalCallback has put the model in train mode
+
+    def before_train(self):
+        for m in self.learn.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def retrieval_validation(learner) -> RetrievalValidation | None:
+    """The learner's :class:`RetrievalValidation` callback (None when it has none)."""
+    return next((cb for cb in learner.cbs if isinstance(cb, RetrievalValidation)), None)

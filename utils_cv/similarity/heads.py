@@ -1,0 +1,262 @@
+"""Embedding heads, losses and the training recipes: open registries, no if-chains.
+
+A *head* turns the backbone's pooled features into the embedding (its ``neck``) and the
+embedding into what the loss takes (its ``classifier``: class logits for the softmax family,
+the identity for pair-based losses). A head is registered once by name with
+:func:`register_head`; a *loss* likewise with :func:`register_loss`. Everything else
+(``train.create_learner``, ``checkpoint.load``, ``experiment``, the command line) looks them up,
+so a new loss or head (ArcFace, a triplet loss with a miner) is one new entry here or in the
+user's code, not edits in several modules.
+
+Built-in heads, as in "Classification is a Strong Baseline for Deep Metric Learning" (Zhai &
+Wu, BMVC 2019):
+
+* ``softmax``: pooled features -> dropout -> linear classifier; the embedding is the pooled
+  features (the penultimate representation).
+* ``normsoftmax``: pooled features -> LayerNorm (no affine) -> linear to ``embedding_dim``
+  -> cosine classifier / temperature; the embedding is the L2-normalised linear output.
+
+:data:`RECIPES` is the one place the measured training defaults live (README, "Quality"):
+``train.create_learner`` / ``train.fine_tune`` fill their unset arguments from the entry of
+their head, and ``experiment`` and the command line read the same mapping.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils_cv.similarity.model import num_features
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_HEAD",
+    "HEADS",
+    "LOSSES",
+    "RECIPES",
+    "EmbeddingModel",
+    "HeadParts",
+    "SimilarityNet",
+    "create_loss",
+    "recipe",
+    "register_head",
+    "register_loss",
+]
+
+DEFAULT_HEAD = "softmax"
+
+# Measured on the default data set (README, "Quality"). Each key is a ``train.create_learner``
+# (backbone, image_size, embedding_dim) or ``train.fine_tune`` (the rest) argument. Read-only:
+# copy an entry (``dict(RECIPES["softmax"])``) to vary it.
+RECIPES = MappingProxyType({
+    "softmax": MappingProxyType(dict(backbone="efficientnet_lite0", image_size=160, freeze_epochs=2, epochs=8,
+                                     freeze_lr=1e-2, lr=2e-3, lr_mult=5, embedding_dim=None)),
+    "normsoftmax": MappingProxyType(dict(backbone="efficientnet_lite0", image_size=160, freeze_epochs=3, epochs=8,
+                                         freeze_lr=1e-2, lr=2e-3, lr_mult=10, embedding_dim=512)),
+})
+LEARNER_KEYS = ("backbone", "image_size", "embedding_dim")
+FIT_KEYS = ("epochs", "freeze_epochs", "freeze_lr", "lr", "lr_mult")
+
+
+def recipe(head: str | None) -> dict:
+    """The recipe of ``head`` (a copy); heads without a measured recipe get the default head's."""
+    return dict(RECIPES.get(head, RECIPES[DEFAULT_HEAD])) if isinstance(head, str) else dict(RECIPES[DEFAULT_HEAD])
+
+
+@dataclass(frozen=True)
+class HeadParts:
+    """What a head factory returns.
+
+    Attributes:
+        neck: (B, width) pooled features -> (B, embedding_dim) embedding (before normalisation).
+        classifier: embedding -> what the loss takes ((B, n_classes) logits, or the embedding).
+        embedding_dim: the embedding's width.
+        normalize: the embedding is L2-normalised (``embed`` applies it).
+        loss: the registered name of the loss used when ``create_learner(loss=None)``.
+        logits: ``classifier`` gives class logits (fastai then also reports accuracy).
+        balanced_batches: train on class-balanced batches (each image drawn with weight
+            1 / its class size) rather than shuffled ones.
+    """
+
+    neck: nn.Module
+    classifier: nn.Module
+    embedding_dim: int
+    normalize: bool = False
+    loss: str = "cross_entropy"
+    logits: bool = True
+    balanced_batches: bool = False
+
+
+HeadFactory = Callable[..., HeadParts]
+HEADS: dict[str, HeadFactory] = {}
+LOSSES: dict[str, Callable[..., Callable]] = {}
+
+
+def _register(table: dict, kind: str, name: str, overwrite: bool):
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"A {kind} name must be a non-empty string. Got {name!r} instead.")
+
+    def decorator(factory):
+        if not callable(factory):
+            raise TypeError(f"register_{kind}({name!r}) decorates a callable; got {type(factory).__name__}.")
+        if name in table and not overwrite and table[name] is not factory:
+            raise ValueError(f"A {kind} named {name!r} is already registered; pass overwrite=True to replace it.")
+        table[name] = factory
+        return factory
+
+    return decorator
+
+
+def register_head(name: str, overwrite: bool = False):
+    """Decorator registering a head factory under ``name``.
+
+    The factory is called as ``factory(width, n_classes, *, embedding_dim, temperature,
+    dropout)`` (it may ignore the options it has no use for) and returns :class:`HeadParts`.
+    """
+    return _register(HEADS, "head", name, overwrite)
+
+
+def register_loss(name: str, overwrite: bool = False):
+    """Decorator registering a loss factory under ``name``.
+
+    The factory is called as ``factory(n_classes=..., embedding_dim=...)`` and returns a
+    callable ``loss(output, target) -> scalar tensor`` (``output`` is what the head's
+    classifier returns). A loss that is an ``nn.Module`` with parameters (proxies, class
+    centres) gets them trained with the head.
+    """
+    return _register(LOSSES, "loss", name, overwrite)
+
+
+def _unknown(kind: str, table: dict, name) -> ValueError:
+    return ValueError(f"The '{kind}' parameter must be one of {sorted(table)} (or a {kind} factory / object; "
+                      f"register new ones with heads.register_{kind}). Got {name!r} instead.")
+
+
+def head_factory(head: str | HeadFactory) -> tuple[str, HeadFactory]:
+    """``(name, factory)`` for a registered name or a factory callable."""
+    if isinstance(head, str):
+        if head not in HEADS:
+            raise _unknown("head", HEADS, head)
+        return head, HEADS[head]
+    if callable(head):
+        return getattr(head, "name", None) or getattr(head, "__name__", type(head).__name__), head
+    raise _unknown("head", HEADS, head)
+
+
+def create_loss(loss, n_classes: int, embedding_dim: int, default: str = "cross_entropy"):
+    """The loss callable for ``loss``: None (the head's ``default``), a registered name, or a
+    callable used as it is."""
+    if loss is None:
+        loss = default
+    if isinstance(loss, str):
+        if loss not in LOSSES:
+            raise _unknown("loss", LOSSES, loss)
+        return LOSSES[loss](n_classes=n_classes, embedding_dim=embedding_dim)
+    if callable(loss):
+        return loss
+    raise _unknown("loss", LOSSES, loss)
+
+
+# ---------------------------------------------------------------------------- built-ins
+class CosineClassifier(nn.Module):
+    """Logits = cos(embedding, class weight) / temperature."""
+
+    def __init__(self, dim: int, n_classes: int, temperature: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_classes, dim) * 0.01)
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1)) / self.temperature
+
+
+@register_head("softmax")
+def softmax_head(width: int, n_classes: int, *, embedding_dim: int | None = None, temperature: float = 0.05,
+                 dropout: float = 0.2) -> HeadParts:
+    """The penultimate pooled features as the embedding; ``embedding_dim`` does not apply."""
+    neck = nn.Identity()
+    classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, n_classes))
+    return HeadParts(neck, classifier, embedding_dim=width)
+
+
+@register_head("normsoftmax")
+def normsoftmax_head(width: int, n_classes: int, *, embedding_dim: int | None = None, temperature: float = 0.05,
+                     dropout: float = 0.2) -> HeadParts:
+    """LayerNorm + linear to ``embedding_dim`` (default 512), cosine classifier / temperature."""
+    dim = int(embedding_dim or 512)
+    # creation order (neck, then the classifier) fixes what a seeded initialisation draws
+    neck = nn.Sequential(nn.LayerNorm(width, elementwise_affine=False), nn.Linear(width, dim))
+    return HeadParts(neck, CosineClassifier(dim, n_classes, temperature), embedding_dim=dim, normalize=True,
+                     balanced_batches=True)
+
+
+@register_loss("cross_entropy")
+def cross_entropy_loss(n_classes: int, embedding_dim: int):
+    """fastai's flattened cross-entropy (its ``decodes`` / ``activation`` serve ``predict``)."""
+    from fastai.losses import CrossEntropyLossFlat  # fastai only when a Learner is being built
+
+    return CrossEntropyLossFlat()
+
+
+# ---------------------------------------------------------------------------- the network
+class SimilarityNet(nn.Module):
+    """Backbone + head. ``forward`` gives what the loss takes (class logits for the softmax
+    family), ``embed`` the embedding.
+
+    The network also carries what it needs to be used and saved (``transform``: its eval
+    preprocessing; ``config``: backbone, head, classes, sizes...), so no state has to be kept
+    on a fastai Learner.
+    """
+
+    def __init__(self, body: nn.Module, n_classes: int, head: str | HeadFactory = DEFAULT_HEAD,
+                 embedding_dim: int | None = None, temperature: float = 0.05, dropout: float = 0.2,
+                 transform: Callable | None = None, config: dict | None = None):
+        super().__init__()
+        name, factory = head_factory(head)
+        self.body = body
+        width = int(num_features(body))
+        parts = factory(width, n_classes, embedding_dim=embedding_dim, temperature=temperature, dropout=dropout)
+        if not isinstance(parts, HeadParts):
+            raise TypeError(f"The head factory {name!r} must return heads.HeadParts; got {type(parts).__name__}.")
+        self.head_name = name
+        self.neck, self.classifier = parts.neck, parts.classifier
+        self.embedding_dim = int(parts.embedding_dim)
+        self.normalize = bool(parts.normalize)
+        self.default_loss, self.logits = parts.loss, bool(parts.logits)
+        self.balanced_batches = bool(parts.balanced_batches)
+        self.transform = transform
+        self.config = dict(config or {})
+
+    @property
+    def head_type(self) -> str:
+        """The head's registered name (older name of :attr:`head_name`)."""
+        return self.head_name
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.neck(self.body(x))
+        return F.normalize(z, dim=1) if self.normalize else z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.neck(self.body(x)))
+
+
+class EmbeddingModel(nn.Module):
+    """The embedding half of a :class:`SimilarityNet` as a plain module (no hooks): maps
+    (B, 3, H, W) to (B, embedding_dim), what ``features.extract_features`` takes."""
+
+    def __init__(self, net: SimilarityNet):
+        super().__init__()
+        self.net = net
+        # timm's convention (no classifier: num_classes 0, output width num_features), which
+        # model.num_features reads
+        self.num_classes = 0
+        self.num_features = self.feature_dim = net.embedding_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.embed(x)
