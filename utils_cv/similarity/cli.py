@@ -204,7 +204,8 @@ def _labelled(folder):
     counts = {c: labels.count(c) for c in set(labels)}
     if len(counts) < 2:
         raise ValueError(f"{_shown(folder)} holds a single class ({next(iter(counts))!r}): every image is relevant to "
-                         "every query and each metric would be 1.0. Add at least one more class folder.")
+                         "every query and each metric would be 1.0. Lay it out as FOLDER/<class name>/<image>, one sub-folder "
+                         "per class, with at least two classes.")
     single = sorted(c for c, n in counts.items() if n == 1)
     if single:
         logger.warning("%d class(es) with a single image (%s): they cannot be queries (no other image of their "
@@ -221,9 +222,9 @@ def cmd_train(args) -> int:
     result = train.fine_tune(learner, args.epochs, freeze_epochs=args.freeze_epochs, lr=args.lr,
                              progress=_progress(args))
     saved = checkpoint.save(learner, args.out)
-    best = getattr(result, "best_epoch", None)
-    print(f"model: {_shown(saved)} ({args.backbone}, {args.head} head, {args.image_size} px; best validation "
-          f"epoch {best})")
+    config = learner.model.config
+    print(f"model: {_shown(saved)} ({config['backbone']}, {args.head} head, {config['image_size']} px; best "
+          f"validation epoch {result.best_epoch} of {len(result.log) - 1}, {result.seconds:.0f} s)")
     return 0
 
 
@@ -333,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = command("evaluate", "retrieval metrics of a model on a labelled folder, with 95 % intervals")
+    p = command("evaluate", "retrieval metrics of a model on a labelled folder, with 95 %% intervals")
     p.add_argument("folder", help="labelled image folder: one sub-folder per class")
     model_options(p, "a model file from 'train' (default: ImageNet features of --backbone)")
     p.add_argument("--bootstrap", type=positive_int_text, default=2000, help="bootstrap draws for the intervals")
@@ -352,13 +353,15 @@ def _train_options(p) -> None:
     from utils_cv.similarity.heads import HEADS, RECIPES
 
     recipe = RECIPES["softmax"]
-    p.add_argument("--backbone", default=recipe["backbone"], help=f"one of {model_mod.available_backbones()} "
-                   "or timm/<name> (default %(default)s)")
-    p.add_argument("--head", default="softmax", choices=list(HEADS))
-    p.add_argument("--epochs", type=int, default=recipe["epochs"], help="unfrozen epochs (default %(default)s)")
-    p.add_argument("--freeze-epochs", type=int, default=recipe["freeze_epochs"],
-                   help="epochs training only the head first (default %(default)s)")
-    p.add_argument("--image-size", type=positive_int_text, default=recipe["image_size"], help="input side in pixels")
+    p.add_argument("--backbone", help=f"one of {model_mod.available_backbones()} or timm/<name> "
+                                      f"(default: the recipe's, {recipe['backbone']})")
+    p.add_argument("--head", default="softmax", choices=list(HEADS), help="default %(default)s; each head has its "
+                   "own recipe (utils_cv.similarity.heads.RECIPES)")
+    p.add_argument("--epochs", type=int, help=f"unfrozen epochs (softmax recipe: {recipe['epochs']})")
+    p.add_argument("--freeze-epochs", type=int,
+                   help=f"epochs training only the head first (softmax recipe: {recipe['freeze_epochs']})")
+    p.add_argument("--image-size", type=positive_int_text,
+                   help=f"input side in pixels (softmax recipe: {recipe['image_size']})")
     p.add_argument("--lr", type=float, default=None, help="the head's learning rate (default: the recipe's)")
     p.add_argument("--batch-size", type=positive_int_text, default=32)
     p.add_argument("--seed", type=int, default=0)

@@ -27,12 +27,17 @@ def run(args: argparse.Namespace) -> int:
     paths, labels = data.list_images(root)
     print(f"data: {root} ({len(paths)} images, {len(set(labels))} classes)")
     progress = not args.no_progress and sys.stderr.isatty()
-    if args.epochs <= 0 and args.image_size is not None:
+    if args.epochs is not None and args.epochs <= 0 and args.image_size is not None:
         raise ValueError("--image-size applies to fine-tuning; with --epochs 0 the backbone's own input size is used.")
     imagenet, imagenet_tf = model.create_backbone(args.backbone)
     title = f"{args.backbone}, ImageNet weights"
-    image_size = args.image_size or 160
-    if args.epochs > 0:
+    from utils_cv.similarity.heads import recipe
+
+    settings = recipe(args.head)  # what the options left out come from
+    image_size = args.image_size or settings["image_size"]
+    epochs = settings["epochs"] if args.epochs is None else args.epochs
+    freeze_epochs = settings["freeze_epochs"] if args.freeze_epochs is None else args.freeze_epochs
+    if epochs > 0:
         from utils_cv.similarity import train
 
         tr, te = data.split_by_image(paths, labels, test_size=0.2, seed=args.seed)
@@ -42,10 +47,10 @@ def run(args: argparse.Namespace) -> int:
         before = metrics.evaluate_retrieval(
             features.extract_features(imagenet, p_te, imagenet_tf, progress=False), l_te)
         print(f"fine-tuning {args.backbone} with a {args.head} head at {image_size} px: "
-              f"{args.freeze_epochs} frozen + {args.epochs} epochs")
+              f"{freeze_epochs} frozen + {epochs} epochs")
         learn = train.create_learner(p_tr, l_tr, backbone=args.backbone, head=args.head, image_size=image_size,
                                      seed=args.seed)
-        log = train.fine_tune(learn, args.epochs, freeze_epochs=args.freeze_epochs, progress=progress)
+        log = train.fine_tune(learn, epochs, freeze_epochs=freeze_epochs, progress=progress)
         net, transform = train.embedding_model(learn)
         after = metrics.evaluate_retrieval(features.extract_features(net, p_te, transform, progress=False), l_te)
         print("\nper epoch (0 = before training): validation MAP@R on 20 % of the training images")
@@ -66,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         net, transform = imagenet, imagenet_tf
         queries = list(range(len(paths)))
     feats = features.extract_features(net, paths, transform, batch_size=args.batch_size, progress=progress)
-    if args.epochs <= 0:
+    if epochs <= 0:
         print("\n" + _evaluation_table(feats, labels, args.negatives, args.seed))
     k = min(args.k, len(paths) - 1)
     D, I = index.knn(feats, feats, k=k, exclude_self=True)
@@ -149,8 +154,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", default="efficientnet_lite0")
     parser.add_argument("--image-size", type=positive_int_text, default=None,
                         help="training and embedding input side in pixels (default 160)")
-    parser.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs after the frozen ones (0: no training)")
-    parser.add_argument("--freeze-epochs", type=int, default=2, help="epochs training only the head first")
+    parser.add_argument("--epochs", type=int, help="fine-tuning epochs after the frozen ones (0: no training; "
+                                                  "default: the head's recipe, 8)")
+    parser.add_argument("--freeze-epochs", type=int, help="epochs training only the head first (default: the "
+                                                         "head's recipe, 2 for softmax, 3 for NormSoftmax)")
     parser.add_argument("--head", default="softmax", choices=["softmax", "normsoftmax"])
     parser.add_argument("--batch-size", type=positive_int_text, default=32)
     parser.add_argument("--k", type=positive_int_text, default=5, help="neighbours per query")
