@@ -10,7 +10,21 @@ import copy
 import logging
 from typing import Callable, Sequence
 
-from fastai.callback.core import Callback
+import warnings
+
+with warnings.catch_warnings():
+    # fastai decorates some layers with torch.jit.script, which this torch deprecates: a
+    # FutureWarning at import that nobody using this library can act on
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    from fastai.callback.core import Callback
+
+
+def fastai_vision():
+    """``fastai.vision.all``, imported without fastai's import-time deprecation warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        import fastai.vision.all as fv
+    return fv
 from torch import nn
 
 from utils_cv.similarity import features as features_mod

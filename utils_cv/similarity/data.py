@@ -237,8 +237,12 @@ def scan_images(root: str | os.PathLike, check: bool = True, decode: bool = Fals
             near_constant.append(path)
         paths.append(path)
         labels.append(path.relative_to(root).parts[0])
+    other = [p for p, reason in skipped if reason.startswith("extension not in")]
+    if other:  # manifests, notes, sidecar files: listed in .skipped, summed up in one line
+        logger.info("ignored %d file(s) without an image extension (e.g. %s)", len(other), other[0].name)
     for path, reason in skipped:
-        logger.warning("skipped %s: %s", path, reason)
+        if not reason.startswith("extension not in"):
+            logger.warning("skipped %s: %s", path, reason)
     for path in near_constant:
         logger.warning("kept %s, but it is near-constant (shows next to nothing after compositing on white)", path)
     if not paths:

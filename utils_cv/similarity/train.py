@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import fastai.vision.all as fv
 import numpy as np
 import torch
 from torch import nn
@@ -40,10 +39,12 @@ from torch import nn
 from utils_cv.common.device import default_device
 from utils_cv.similarity import data as data_mod
 from utils_cv.similarity import model as model_mod
-from utils_cv.similarity.callbacks import FrozenBatchNormStats, RetrievalValidation, retrieval_validation
+from utils_cv.similarity.callbacks import FrozenBatchNormStats, RetrievalValidation, fastai_vision, retrieval_validation
 from utils_cv.similarity.checkpoint import FORMAT, load, save
 from utils_cv.similarity.heads import (DEFAULT_HEAD, HEADS, EmbeddingModel, SimilarityNet, create_loss, head_factory,
                                        recipe)
+
+fv = fastai_vision()
 
 logger = logging.getLogger(__name__)
 
