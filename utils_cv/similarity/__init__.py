@@ -5,4 +5,4 @@ Submodules are imported on demand (``from utils_cv.similarity import data, model
 """
 
 __all__ = ["checkpoint", "cli", "collection", "data", "dedup", "distances", "features", "heads", "index", "index_tuning",
-           "metrics", "model", "plot", "rerank", "splits", "train", "widget"]
+           "metrics", "model", "plot", "rerank", "scale", "scale_index", "scale_io", "splits", "train", "widget"]

@@ -72,10 +72,12 @@ class RetrievalValidation(Callback):
     def _record(self, entry: dict) -> None:
         if self.measures:
             entry["map@r"] = score = self._score()
-            logger.info("epoch %d: validation MAP@R %.4f", entry["epoch"], score)
             if score > self.best_score:
                 self.best_score, self.best_epoch = score, entry["epoch"]
                 self.best_state = copy.deepcopy(self.learn.model.state_dict())
+        shown = [f"{k.replace('_', ' ')} {v:.4f}" for k, v in entry.items() if k != "epoch" and isinstance(v, float)]
+        logger.info("epoch %d%s: %s", entry["epoch"], " (before training)" if entry["epoch"] == 0 else "",
+                    ", ".join(shown) or "trained")
         self.history.append(entry)
 
     # Learner.validate fires fit and epoch events too: only epochs that trained count

@@ -67,9 +67,18 @@ def cmd_index(args) -> int:
 
     if args.model and (args.backbone or args.weights):
         raise UsageError("--model (a trained model file) and --backbone / --weights exclude each other.")
-    report = collection.index_folder(args.folder, args.out, model=args.model, backbone=args.backbone,
-                                     weights=args.weights, backend=args.backend, batch_size=args.batch_size,
-                                     progress=_progress(args))
+    if args.address and args.engine != "ray":
+        raise UsageError("--address needs --engine ray.")
+    if args.engine == "ray":
+        from utils_cv.similarity import scale
+
+        report = scale.index_folder_ray(args.folder, args.out, model=args.model, backbone=args.backbone,
+                                        weights=args.weights, backend=args.backend, batch_size=args.batch_size,
+                                        address=args.address, progress=_progress(args))
+    else:
+        report = collection.index_folder(args.folder, args.out, model=args.model, backbone=args.backbone,
+                                         weights=args.weights, backend=args.backend, batch_size=args.batch_size,
+                                         progress=_progress(args))
     if args.export:
         collection.export_parquet(collection.open_collection(args.out), args.export)
     if args.json:
@@ -113,25 +122,14 @@ def cmd_query(args) -> int:
             for rank, hit in enumerate(a["neighbours"], 1):
                 print(f"  {rank:3d}  {hit['distance']:.4f}  {_shown(hit['path'])}")
     if args.figure:
-        _query_figure(answers, args.figure)
+        from utils_cv.similarity import plot
+
+        fig = plot.plot_search_results([a["query"] for a in answers], [[h["path"] for h in a["neighbours"]]
+                                       for a in answers], [[h["distance"] for h in a["neighbours"]] for a in answers])
+        plot.save_figure(fig, args.figure)
         if not args.json:
             print(f"figure: {_shown(args.figure)}")
     return 0
-
-
-def _query_figure(answers, dest) -> None:
-    import matplotlib.pyplot as plt
-
-    from utils_cv.similarity import plot
-
-    k = max(1, max(len(a["neighbours"]) for a in answers))
-    fig, axes = plt.subplots(len(answers), 1, figsize=(1.7 * (k + 1), 2.3 * len(answers)), squeeze=False)
-    for ax, a in zip(axes[:, 0], answers):
-        plot.plot_neighbors(a["query"], [h["path"] for h in a["neighbours"]], [h["distance"] for h in a["neighbours"]],
-                            _shown(Path(a["query"]).name), [_shown(Path(h["path"]).name) for h in a["neighbours"]],
-                            ax=ax)
-    fig.tight_layout()
-    plot.save_figure(fig, dest)
 
 
 def cmd_duplicates(args) -> int:
@@ -293,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p, "a model file from 'train' (default: ImageNet features of --backbone)")
     p.add_argument("--backend", default="auto", choices=["auto", "exact", "hnsw", "ivfsq", "ivfpq"],
                    help="search structure; auto: exact up to 100k images, then hnsw, ivfsq above 1M")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process; ray: Ray Data, resumable (the 'scale' extra)")
+    p.add_argument("--address", help="with --engine ray: the Ray cluster ('auto', 'ray://head:10001'); default: a "
+                                     "local one")
     p.add_argument("--export", help="also write path + embedding to this parquet file (needs pyarrow)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_index)

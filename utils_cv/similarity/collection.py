@@ -37,7 +37,7 @@ from utils_cv.similarity import data as data_mod
 logger = logging.getLogger(__name__)
 
 __all__ = ["Collection", "IndexReport", "export_parquet", "index_folder", "load_embedder", "open_collection",
-           "pick_backend"]
+           "pick_backend", "write_collection"]
 
 FORMAT = "utils_cv.similarity.collection/1"
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -166,7 +166,7 @@ def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str |
     ``fast_decode``: decode big photos at a reduced scale (see ``FeatureExtractor``).
     """
     from utils_cv.similarity.features import FeatureExtractor
-    from utils_cv.similarity.index import BACKENDS, SimilarityIndex
+    from utils_cv.similarity.index import BACKENDS
 
     start = time.perf_counter()
     if backend != "auto" and backend not in BACKENDS:
@@ -223,6 +223,21 @@ def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str |
         raise ValueError(f"No image under {str(root)!r} could be embedded ({len(skipped)} skipped; see the log).")
     entries = [entries[i] for i in keep]
     feats = np.ascontiguousarray(np.stack([vectors[i] for i in keep]), dtype=np.float32)
+    chosen = write_collection(out, root, spec, entries, feats, skipped, backend)
+    report = IndexReport(out, len(entries), len(todo) - (len(vectors) - len(keep)), reused, removed, skipped, chosen,
+                         time.perf_counter() - start)
+    logger.info("indexed %d images in %s (%d embedded, %d reused, %d removed, %d skipped) with %s in %.1f s",
+                report.total, out, report.embedded, reused, removed, len(skipped), chosen, report.seconds)
+    return report
+
+
+def write_collection(out: Path, root: Path, spec: dict, entries: list[dict], feats: np.ndarray,
+                     skipped: list, backend: str = "auto") -> str:
+    """Write a collection folder (see the module doc) from its parts; returns the backend used.
+    The embeddings and the index are written first, ``collection.json`` last, and all three
+    carry one generation token, so :func:`open_collection` refuses a mix of two runs."""
+    from utils_cv.similarity.index import SimilarityIndex
+
     chosen = pick_backend(len(feats)) if backend == "auto" else backend
     generation = f"{time.time_ns():x}-{os.getpid()}"
     metadata = {"generation": generation, "model": spec, "root": str(root)}
@@ -233,14 +248,10 @@ def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str |
     index.save(out / "index")
     doc = {"format": FORMAT, "generation": generation, "root": str(root), "model": spec,
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "backend": chosen, "dim": int(feats.shape[1]),
-           "entries": entries, "skipped": skipped}
+           "entries": entries, "skipped": [list(x) for x in skipped]}
     with atomic_write(out / "collection.json", "w") as f:
         json.dump(doc, f, indent=0)
-    report = IndexReport(out, len(entries), len(todo) - (len(vectors) - len(keep)), reused, removed, skipped, chosen,
-                         time.perf_counter() - start)
-    logger.info("indexed %d images in %s (%d embedded, %d reused, %d removed, %d skipped) with %s in %.1f s",
-                report.total, out, report.embedded, reused, removed, len(skipped), chosen, report.seconds)
-    return report
+    return chosen
 
 
 def export_parquet(collection: Collection, dest: str | os.PathLike) -> Path:

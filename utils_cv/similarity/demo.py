@@ -19,8 +19,6 @@ logger = logging.getLogger("utils_cv.similarity")
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from utils_cv.similarity import data, features, index, metrics, model
 
     root = Path(args.data) if args.data else data.default_dataset()

@@ -329,6 +329,16 @@ class FeatureExtractor:
             return Extraction(np.empty((0, self._width()), np.float32), np.empty(0, np.int64), skipped)
         return Extraction(l2_normalize(np.concatenate(out, axis=0)), np.concatenate(kept).astype(np.int64), skipped)
 
+    def embed_batch(self, batch) -> np.ndarray:
+        """Embed a batch already preprocessed by the transform ((B, 3, H, W) tensor or array):
+        (B, d) float32 rows of unit L2 norm. For engines that decode elsewhere (Ray Data)."""
+        batch = torch.as_tensor(np.ascontiguousarray(batch) if isinstance(batch, np.ndarray) else batch)
+        if batch.ndim != 4 or len(batch) == 0:
+            raise ValueError(f"The 'batch' parameter must be a non-empty (B, 3, H, W) batch. Got shape "
+                             f"{tuple(batch.shape)}.")
+        with torch.inference_mode():
+            return l2_normalize(self._forward(batch))
+
     def _width(self) -> int:
         from utils_cv.similarity.model import num_features
 

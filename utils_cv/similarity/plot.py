@@ -8,7 +8,7 @@ import numpy as np
 from utils_cv.similarity.data import load_image
 from utils_cv.similarity._checks import positive_int
 
-__all__ = ["save_figure", "plot_class_examples", "plot_duplicate_groups", "plot_neighbors", "plot_rank_distribution", "plot_recall_at_k",
+__all__ = ["save_figure", "plot_search_results", "plot_class_examples", "plot_duplicate_groups", "plot_neighbors", "plot_rank_distribution", "plot_recall_at_k",
            "plot_recall_vs_speed", "plot_training_log"]
 
 
@@ -300,3 +300,24 @@ def save_figure(fig, path, dpi: int = 100):
         fig.savefig(f, format="png", dpi=dpi)
     plt.close(fig)
     return path
+
+
+def plot_search_results(queries: Sequence, neighbours: Sequence[Sequence], distances: Sequence[Sequence[float]]):
+    """One row per query (a file or an in-memory image): the query, then its neighbours (files)
+    with their distances and file names. Returns the figure (rows are ``fig.axes``)."""
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+
+    if not len(queries) or len(queries) != len(neighbours) or len(queries) != len(distances):
+        raise ValueError("'queries', 'neighbours' and 'distances' must be non-empty and aligned.")
+    k = max(1, max(len(n) for n in neighbours))
+    fig, axes = plt.subplots(len(queries), 1, figsize=(1.7 * (k + 1), 2.3 * len(queries)), squeeze=False)
+
+    def name(p):  # a file name any figure can show (undecodable bytes escaped)
+        return str(Path(p).name).encode("utf-8", "backslashreplace").decode("utf-8")
+
+    for ax, q, hits, dists in zip(axes[:, 0], queries, neighbours, distances):
+        plot_neighbors(q, list(hits), list(dists), name(q) if isinstance(q, (str, Path)) else None,
+                       [name(h) for h in hits], ax=ax)
+    fig.tight_layout()
+    return fig

@@ -223,7 +223,9 @@ def create_learner(
                          cbs=cbs, path=Path(tempfile.gettempdir()), model_dir=".")
     if device.type != "cuda":
         learner.model = learner.model.to(memory_format=torch.channels_last)
-    learner.logger = lambda row: logger.info("epoch log: %s", row)  # library code logs, it does not print
+    # library code logs, it does not print; fastai's rows (its own 0-based epochs) go to debug,
+    # the retrieval validation logs one line per epoch in the numbering of the result's log
+    learner.logger = lambda row: logger.debug("fastai row: %s", row)
     return learner
 
 
