@@ -157,3 +157,24 @@ def test_11_exploring_hyperparameters(tmp_path):
     assert r["num_runs"] == 3 and r["runs"] == ["base", "lr=0.005", "image_size=32"]
     assert _chance_map_at_r(n_per_class=2, n_classes=3) + 0.15 < r["base_map_at_r"] <= 1
     assert r["best_run"] in r["runs"] and r["total_train_seconds"] > 0
+
+
+def test_13_near_duplicates(tmp_path):
+    from utils_cv.similarity import data, dedup
+
+    dataset = data.default_dataset()
+    before = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in dataset.rglob("*.jpg"))
+    r = run("13_near_duplicates", tmp_path, WORK_DIR=str(tmp_path / "demo"), NUM_IMAGES=12, NUM_EDITED=2)
+    assert r["num_images"] == 12 + 2 * 5 and r["planted_pairs"] == 2 * 5
+    assert r["threshold"] == dedup.DEFAULT_THRESHOLD and r["strict_threshold"] < r["threshold"]
+    # byte copies are found by their hashes, and by their features at distance ~0
+    assert r["num_exact_groups"] == 2 and r["found_by_edit"]["copy"] == 1.0
+    assert r["found_by_edit"]["flipped"] == 1.0, "a mirror image lies well within the default threshold"
+    assert r["planted_recall"] >= 0.8 and r["false_pairs"] == 0
+    assert r["strict_planted_recall"] <= r["planted_recall"]
+    assert r["num_groups"] >= 2 and r["num_suggested_remove"] >= r["planted_found"] - r["num_groups"]
+    # nothing is deleted: the demo folder still holds every file, the data set is only read
+    assert r["files_unchanged"] is True
+    assert len(list((tmp_path / "demo" / "images").iterdir())) == r["num_images"]
+    assert sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in dataset.rglob("*.jpg")) == before
+    assert (tmp_path / "demo" / "index" / "collection.json").is_file()

@@ -183,8 +183,8 @@ def duplicates_to_remove(groups: Sequence[Sequence], keep: str = "largest") -> l
     Args:
         groups: from :func:`find_duplicates` (ids that are file paths for ``largest`` and
             ``oldest``).
-        keep: ``"largest"`` keeps the image with the most pixels (then the biggest file, then the
-            first); ``"first"`` keeps the representative; ``"oldest"`` keeps the file modified
+        keep: ``"largest"`` keeps the image with the most pixels (then the file modified first,
+            then the first in the group); ``"first"`` keeps the representative; ``"oldest"`` keeps the file modified
             first.
     """
     if keep not in KEEP:
@@ -195,7 +195,10 @@ def duplicates_to_remove(groups: Sequence[Sequence], keep: str = "largest") -> l
         if keep == "first":
             kept = group[0]
         elif keep == "largest":
-            kept = max(group, key=lambda p: (_pixels(p), Path(p).stat().st_size, -group.index(p)))
+            # most pixels; between equals (the original and its byte, flipped or recompressed
+            # copies) the file modified first, usually the original, not the biggest file, which
+            # can be a copy re-saved at a higher JPEG quality
+            kept = max(group, key=lambda p: (_pixels(p), -Path(p).stat().st_mtime_ns, -group.index(p)))
         else:
             kept = min(group, key=lambda p: (Path(p).stat().st_mtime_ns, group.index(p)))
         for p in group:
