@@ -83,7 +83,7 @@ def test_00_webcam_without_a_camera_uses_the_file(tmp_path):
 
     folder = draw_image_folder(tmp_path / "images")
     paths, labels = data.list_images(folder)
-    r = run("00_webcam", tmp_path, DATA_PATH=str(folder), CAMERA=None, QUERY_PATH=str(paths[7]), TOP_K=3)
+    r = run("00_webcam", tmp_path, DATA_PATH=str(folder), CAMERA=None, QUERY_PATH=str(paths[7]), TOP_K=3, BROWSE=True)
     assert r["source"] == "file"
     assert r["num_reference"] == 11, "the fallback query is held out of the reference images"
     assert r["top1_distance"] > 1e-3, "so it does not find itself"
