@@ -207,3 +207,31 @@ def test_a_batch_larger_than_the_training_set_still_trains(folder, caplog):
     train.fine_tune(learn, 0, freeze_epochs=1, progress=False)
     after = list(learn.model.classifier.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before)), "the head was trained"
+
+
+class _BatchNormStats(Callback):
+    """Records the first batch norm's running mean at the start and end of each training phase."""
+
+    order = 99
+
+    def __init__(self):
+        self.means = []
+
+    def before_train(self):
+        self._start = self._bn().running_mean.clone()
+
+    def after_train(self):
+        self.means.append((self._start, self._bn().running_mean.clone()))
+
+    def _bn(self):
+        return next(m for m in self.learn.model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+
+
+def test_batch_norm_statistics_adapt_in_the_first_epoch_only(folder):
+    learn = _learner(folder, pretrained=True, freeze_bn=True)
+    stats = _BatchNormStats()
+    learn.add_cb(stats)
+    train.fine_tune(learn, 1, freeze_epochs=1, progress=False)
+    (s1, e1), (s2, e2) = stats.means
+    assert not torch.equal(s1, e1), "the first epoch adapts the statistics to the new images"
+    assert torch.equal(s2, e2), "later epochs keep them"
