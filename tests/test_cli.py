@@ -214,3 +214,24 @@ def test_demo_trains_evaluates_saves_a_loadable_model_and_repeats_itself_exactly
     a = torch.load(out / "model.pth", weights_only=True)["state_dict"]
     b = torch.load(out2 / "model.pth", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_utf8_names_and_parquet_export(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    folder = draw_image_folder(tmp_path / "images", per_class=2)
+    odd = os.fsencode(str(folder / "circles")) + b"/caf\xe9_\xff.jpg"  # not valid UTF-8
+    with open(odd, "wb") as f:
+        f.write((folder / "circles" / "circles_0.jpg").read_bytes())
+    out, export = tmp_path / "idx", tmp_path / "emb.parquet"
+    code, stdout, err = run(capsys, "index", folder, "--out", out, "--export", export)
+    assert code == 0, err
+    code, stdout, err = run(capsys, "query", out, os.fsdecode(odd), "-k", "3", "--figure", tmp_path / "q.png")
+    assert code == 0, err
+    assert "caf\\xe9" in stdout and "Traceback" not in err  # shown escaped, not a crash
+    assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+    table = pq.read_table(export)
+    col = collection.open_collection(out)
+    assert table.num_rows == len(col.entries) == 7 and odd in table.column("path_bytes").to_pylist()
+    emb = np.asarray(table.column("embedding").to_pylist(), np.float32)
+    np.testing.assert_allclose(emb, col.features, atol=1e-6)

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils_cv.similarity import data, metrics
+from utils_cv.similarity import data, metrics, ranking
+from utils_cv.similarity.distances import sq_norms, squared_l2_
 
 
 def col(*v):
@@ -93,11 +94,121 @@ def test_agrees_with_pytorch_metric_learning(leave_one_out):
     assert 0.05 < ours["map@r"] < 0.9  # not a degenerate case
 
 
-def test_blocking_does_not_change_results(monkeypatch):
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_tiles_and_chunks_do_not_change_results(monkeypatch, distance):
     x, y = _clustered(400, 8, 7, seed=5)
-    full = metrics.evaluate_retrieval(x, y, distance="cosine")
-    monkeypatch.setattr(metrics, "_BLOCK_BYTES", 1)
-    assert metrics.evaluate_retrieval(x, y, distance="cosine") == full
+    full = metrics.evaluate_retrieval(x, y, distance=distance)
+    split = metrics.evaluate_retrieval(x[:150], y[:150], x[150:], y[150:], distance=distance)
+    monkeypatch.setattr(ranking, "_TILE", 37)  # tiles that cut classes and leave ragged edges
+    assert metrics.evaluate_retrieval(x, y, distance=distance) == full
+    monkeypatch.setattr(ranking, "_STATE_BYTES", 16 * 900)  # queries in chunks: no symmetric tiles
+    assert metrics.evaluate_retrieval(x, y, distance=distance) == full
+    assert metrics.evaluate_retrieval(x[:150], y[:150], x[150:], y[150:], distance=distance) == split
+
+
+def _previous_relevant_ranks(query, query_labels, reference=None, reference_labels=None, distance="l2"):
+    """The implementation this module had before the tiled one (sorted relevant distances per
+    class, every gallery item bucketed with searchsorted): the reference the new one must equal."""
+    q = np.ascontiguousarray(query, dtype=np.float32)
+    y_q = np.asarray(query_labels)
+    loo = reference is None
+    r, y_r = (q, y_q) if loo else (np.ascontiguousarray(reference, dtype=np.float32), np.asarray(reference_labels))
+    qt, rt = torch.from_numpy(q), torch.from_numpy(r)
+    if distance == "cosine":
+        qt, rt = torch.nn.functional.normalize(qt, dim=1), torch.nn.functional.normalize(rt, dim=1)
+    out = {}
+    for i in range(len(q)):
+        cols = np.flatnonzero(y_r == y_q[i])
+        R = len(cols) - (1 if loo else 0)
+        if R <= 0:
+            continue
+        d = qt[i : i + 1] @ rt.T
+        if distance == "cosine":
+            d = -d
+        else:
+            d = squared_l2_(d, sq_norms(qt[i : i + 1]), sq_norms(rt))
+        d = d[0]
+        if loo:
+            d[i] = float("inf")
+        rel_sorted, rel_order = torch.sort(d[torch.from_numpy(cols)], stable=True)
+        rel_sorted, rel_order = rel_sorted[:R], rel_order[:R]
+        is_rel = torch.zeros(len(r), dtype=torch.bool)
+        is_rel[torch.from_numpy(cols)] = True
+        if loo:
+            is_rel[i] = True
+        before = torch.searchsorted(rel_sorted, d[~is_rel])  # relevant items strictly closer
+        nonrel_idx = torch.nonzero(~is_rel).flatten()
+        ranks = np.arange(1, R + 1)
+        for x, b in zip(nonrel_idx.tolist(), before.tolist()):
+            # a non-relevant item precedes relevant items b.. (and tied ones of higher index)
+            tied = [k for k in range(b, R) if rel_sorted[k] == d[x] and cols[rel_order[k]] < x]
+            ranks[b + len(tied):] += 1
+        out[i] = ranks
+    kept = np.array(sorted(out), dtype=np.int64)
+    return [out[i] for i in kept], kept
+
+
+def _tie_heavy(n, seed, distance):
+    rng = np.random.default_rng(seed)
+    if distance == "cosine":  # rows whose norm is a power of two: normalising them is exact
+        pool = np.array([[1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 2, 0], [1, 1, 1, 1], [-1, 1, -1, 1], [1, -1, -1, -1],
+                         [0, 0, 0, -4], [2, 0, 0, 0]], dtype=np.float32)
+        x = pool[rng.integers(0, len(pool), n)]
+    else:
+        x = rng.integers(-3, 4, size=(n, 3)).astype(np.float32)
+    return x, rng.integers(0, 5, n)
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("tile", [1024, 7])
+def test_equals_the_previous_implementation_with_ties(monkeypatch, distance, tile):
+    monkeypatch.setattr(ranking, "_TILE", tile)
+    for seed in range(4):
+        x, y = _tie_heavy(90, seed, distance)
+        for args in ((x, y), (x[:30], y[:30], x[30:], y[30:])):
+            expected, kept = _previous_relevant_ranks(*args, distance=distance)
+            got, got_kept = metrics.relevant_ranks(*args, distance=distance)
+            assert got_kept.tolist() == kept.tolist()
+            assert [g.tolist() for g in got] == [e.tolist() for e in expected]
+            full = metrics.evaluate_retrieval(*args, distance=distance)
+            fast = metrics.evaluate_retrieval(*args, distance=distance, metrics=("recall", "precision@1", "mrr"))
+            first = np.array([e[0] for e in expected], dtype=np.float64)
+            assert fast["mrr"] == full["mrr"] == pytest.approx(np.mean(1 / first), abs=1e-12)
+            assert fast["precision@1"] == full["precision@1"] == np.mean(first == 1)
+            for k in (1, 2, 4, 8):
+                assert fast[f"recall@{k}"] == full[f"recall@{k}"] == np.mean(first <= k)
+            ap = np.mean([np.mean(np.arange(1, len(e) + 1) / e) for e in expected])
+            assert full["map"] == pytest.approx(ap, abs=1e-12)
+            shared = metrics.evaluate_retrieval(*args, distance=distance, metrics=("precision@1", "r_precision", "map@r"))
+            map_r = np.mean([np.sum((np.arange(1, len(e) + 1) / e)[e <= len(e)]) / len(e) for e in expected])
+            r_prec = np.mean([np.mean(e <= len(e)) for e in expected])
+            assert shared["map@r"] == full["map@r"] == pytest.approx(map_r, abs=1e-12)
+            assert shared["r_precision"] == full["r_precision"] == pytest.approx(r_prec, abs=1e-12)
+
+
+def test_duplicate_vectors_in_other_classes_tie_by_index():
+    # continuous values, exact copies of some rows under other labels, classes small and large:
+    # every product (per class, per tile, ragged edges) must give equal vectors equal distances
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 16)).astype(np.float32)
+    x[60:90] = x[:30]
+    y = np.r_[rng.integers(0, 4, 60), rng.integers(4, 40, 60)]
+    expected, kept = _previous_relevant_ranks(x, y)
+    got, got_kept = metrics.relevant_ranks(x, y)
+    assert got_kept.tolist() == kept.tolist()
+    assert [g.tolist() for g in got] == [e.tolist() for e in expected]
+
+
+def test_metrics_argument_selects_and_is_checked():
+    x, y = _clustered(300, 8, 6, seed=2)
+    full = metrics.evaluate_retrieval(x, y, ks=(1, 5))
+    some = metrics.evaluate_retrieval(x, y, ks=(1, 5), metrics=["map@r", "recall"])
+    assert set(some) == {"recall@1", "recall@5", "map@r", "num_queries", "num_excluded"}
+    assert all(some[k] == full[k] for k in some)
+    per = metrics.per_query_metrics(x, y, metrics=("precision@1",))
+    assert set(per) == {"query", "precision@1"} and per["precision@1"].mean() == full["precision@1"]
+    with pytest.raises(ValueError, match="'metrics'.*'map@R'"):
+        metrics.evaluate_retrieval(x, y, metrics=("map@R",))
 
 
 def test_positive_ranks_and_recall_at_k():

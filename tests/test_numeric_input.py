@@ -58,3 +58,14 @@ CASES = [
 def test_bad_numeric_input_names_the_parameter(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_numpy_scalars_are_numbers_and_zero_width_features_are_refused():
+    from utils_cv.similarity import distances, rerank
+
+    x = np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32)
+    d = rerank.k_reciprocal_rerank(x, k1=5, k2=2, lambda_value=np.float32(0.3))
+    assert d.shape == (30, 30)
+    np.testing.assert_allclose(d, rerank.k_reciprocal_rerank(x, k1=5, k2=2, lambda_value=0.3), atol=1e-6)
+    with pytest.raises(ValueError, match="'query'.*0 columns"):
+        distances.knn(np.zeros((3, 0), np.float32), np.zeros((3, 0), np.float32), 1)

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from utils_cv.similarity import index, metrics
+from utils_cv.similarity import index, metrics, ranking
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -61,6 +61,27 @@ def test_evaluate_retrieval_matches_the_definitions(data):
     got = metrics.evaluate_retrieval(x, y, ks=ks)
     assert got["num_queries"] == len(ref) and got["num_excluded"] == len(x) - len(ref)
     for key in ref[0]:
+        assert got[key] == pytest.approx(np.mean([r[key] for r in ref]), abs=1e-9), key
+
+
+@SETTINGS
+@given(labelled_points(), st.integers(1, 6), st.sampled_from([None, ("recall", "precision@1", "mrr"),
+                                                              ("precision@1", "r_precision", "map@r")]))
+def test_any_tiling_and_any_metric_subset_match_the_definitions(data, tile, subset):
+    x, y = data
+    ks = (1, 2, 4)
+    ref = _reference_metrics(x, y, ks)
+    if not ref:
+        return
+    saved = ranking._TILE
+    ranking._TILE = tile  # tiles smaller than classes, ragged edges, symmetric halves
+    try:
+        got = metrics.evaluate_retrieval(x, y, ks=ks, metrics=subset)
+    finally:
+        ranking._TILE = saved
+    expected_keys = {k for k in ref[0] if subset is None or k in subset or (k.startswith("recall@") and "recall" in subset)}
+    assert set(got) == expected_keys | {"num_queries", "num_excluded"}
+    for key in expected_keys:
         assert got[key] == pytest.approx(np.mean([r[key] for r in ref]), abs=1e-9), key
 
 

@@ -21,6 +21,9 @@ def as_matrix(x, name: str) -> np.ndarray:
         raise ValueError(f"The {name!r} parameter must be a 2-D (n, d) array. Got shape {x.shape} instead.")
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"The {name!r} parameter must hold floats. Got dtype {x.dtype} instead.")
+    if x.shape[1] == 0:
+        raise ValueError(f"The {name!r} parameter has 0 columns (shape {x.shape}): features need at least one "
+                         "dimension.")
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"The {name!r} parameter contains NaN or infinite values.")

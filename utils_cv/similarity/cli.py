@@ -54,7 +54,7 @@ class UsageError(ValueError):
 
 def _shown(path) -> str:
     """A path as text that any terminal or figure can show (undecodable bytes escaped)."""
-    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _progress(args) -> bool:

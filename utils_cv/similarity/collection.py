@@ -255,8 +255,8 @@ def write_collection(out: Path, root: Path, spec: dict, entries: list[dict], fea
 
 
 def export_parquet(collection: Collection, dest: str | os.PathLike) -> Path:
-    """Write ``path`` (absolute) + ``embedding`` (float32 list) rows to a parquet file for other
-    tools (needs pyarrow)."""
+    """Write ``path`` (absolute), ``path_bytes`` (the same as the file system's bytes) and
+    ``embedding`` (float32 list) rows to a parquet file for other tools (needs pyarrow)."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -264,8 +264,11 @@ def export_parquet(collection: Collection, dest: str | os.PathLike) -> Path:
         raise ImportError("Exporting to parquet needs pyarrow: pip install pyarrow.") from exc
     dest = Path(dest)
     dim = collection.features.shape[1]
+    paths = [str(collection.abspath(e["path"])) for e in collection.entries]
     table = pa.table({
-        "path": [str(collection.abspath(e["path"])) for e in collection.entries],
+        # parquet strings are UTF-8: a name that is not is escaped there, exact in path_bytes
+        "path": [p.encode("utf-8", "backslashreplace").decode("utf-8") for p in paths],
+        "path_bytes": pa.array([os.fsencode(p) for p in paths], pa.binary()),
         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(collection.features.ravel(), pa.float32()), dim),
     })
     with atomic_write(dest) as f:

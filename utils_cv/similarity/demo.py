@@ -161,5 +161,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=positive_int_text, default=5, help="neighbours per query")
     parser.add_argument("--queries", type=positive_int_text, default=4, help="query images shown (one per class)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--negatives", type=int, default=99, help="negatives per comparative set")
+    parser.add_argument("--negatives", type=positive_int_text, default=99, help="negatives per comparative set")
     parser.add_argument("--output", default="outputs", help="folder for the figure")

@@ -3,9 +3,9 @@ pytorch-metric-learning's ``AccuracyCalculator`` define them (definitions below)
 
 Everything is computed from one quantity: for each query, the 1-based rank of every
 relevant reference item in the ranking by ascending distance (ties: lower reference index
-first). Queries are processed class by class and in row blocks: a block's distances and the
-positions of its non-relevant items are the only large temporaries, so memory stays bounded
-(about ``_BLOCK_BYTES``) however many queries there are.
+first), found without sorting whole rows by :mod:`utils_cv.similarity.ranking` (tiles of one
+matrix product; memory bounded however many queries there are). ``metrics=`` computes only
+what is asked: recall@K, precision@1 and MRR need only the first relevant item's rank.
 
 Definitions (queries q, gallery G, relevant = same label; in leave-one-out q is removed from
 its own ranking; R_q = relevant items in G; queries with R_q = 0 are left out of every
@@ -26,26 +26,56 @@ metric and counted in ``num_excluded``; rel_q(i) = 1 when the i-th ranked item i
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import torch
 
+from utils_cv.similarity import ranking
 from utils_cv.similarity._checks import as_matrix, check_distance, check_labels, positive_int
-from utils_cv.similarity.distances import pairwise_distances, sq_norms, squared_l2_
+from utils_cv.similarity.distances import pairwise_distances
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["bootstrap_interval", "evaluate_distances", "evaluate_retrieval", "pairwise_distances", "per_query_metrics",
+__all__ = ["METRICS", "bootstrap_interval", "evaluate_distances", "evaluate_retrieval", "pairwise_distances", "per_query_metrics",
            "positive_ranks", "recall_at_k", "relevant_ranks"]
 
-_BLOCK_BYTES = 128 * 1024 * 1024
-_BYTES_PER_SCORE = 4 + 8 + 4 + 1  # per (query, reference) pair: score, slot, neighbour value, tie flag
+METRICS = ("recall", "precision@1", "r_precision", "map@r", "map", "mrr")  # "recall": recall@K for K in ks
+_FIRST_RANK_ONLY = {"recall", "precision@1", "mrr"}  # these need only the first relevant item's rank
 
 
-def _labels(labels, n: int, name: str) -> np.ndarray:
-    return check_labels(labels, name, n)
+def _prepare(query, query_labels, reference, reference_labels, distance):
+    check_distance(distance)
+    q = as_matrix(query, "query")
+    if len(q) == 0:
+        raise ValueError("The 'query' parameter is empty.")
+    y_q = check_labels(query_labels, "query_labels", len(q))
+    if reference is None:
+        if reference_labels is not None:
+            raise ValueError("'reference_labels' was given without 'reference'.")
+        return q, y_q, None, None
+    r = as_matrix(reference, "reference")
+    if reference_labels is None:
+        raise ValueError("'reference_labels' is needed with 'reference'.")
+    y_r = check_labels(reference_labels, "reference_labels", len(r))
+    if r.shape[1] != q.shape[1]:
+        raise ValueError(f"'query' has dimension {q.shape[1]} but 'reference' has {r.shape[1]}: they must match.")
+    return q, y_q, r, y_r
+
+
+def _check_metrics(metrics) -> tuple[str, ...]:
+    if metrics is None:
+        return METRICS
+    names = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names:
+        raise ValueError(f"The 'metrics' parameter must name some of {list(METRICS)}. Got {metrics!r} instead.")
+    return tuple(m for m in METRICS if m in names)
+
+
+def _ranked(query, query_labels, reference, reference_labels, distance, names) -> ranking.RankedRelevant:
+    q, y_q, r, y_r = _prepare(query, query_labels, reference, reference_labels, distance)
+    depth = "first" if set(names) <= _FIRST_RANK_ONLY else "all" if "map" in names else "within"
+    return ranking.rank_relevant(q, y_q, r, y_r, distance, depth)
 
 
 def relevant_ranks(query, query_labels, reference=None, reference_labels=None, distance: str = "l2") -> tuple[list[np.ndarray], np.ndarray]:
@@ -53,115 +83,12 @@ def relevant_ranks(query, query_labels, reference=None, reference_labels=None, d
 
     ``reference=None`` is leave-one-out over the queries (a query is removed from its own
     ranking). Returns ``(ranks, kept)``: ``ranks[j]`` is an ascending int64 array for the
-    query ``kept[j]``; queries with no relevant item are not in ``kept``.
-
-    How: queries are sorted by class and processed in row blocks of one matrix product. For
-    a class with relevant columns sorted by (score, index), ``searchsorted`` places every
-    gallery item among them; counting items per slot and accumulating gives, for the i-th
-    relevant item, how many non-relevant items precede it. Exact ties between a relevant
-    and a non-relevant item are resolved by index.
+    query ``kept[j]``; queries with no relevant item are not in ``kept``. How the ranks are
+    found without sorting whole rows: :mod:`utils_cv.similarity.ranking`.
     """
-    check_distance(distance)
-    q = as_matrix(query, "query")
-    if len(q) == 0:
-        raise ValueError("The 'query' parameter is empty.")
-    y_q = _labels(query_labels, len(q), "query_labels")
-    loo = reference is None
-    if loo:
-        if reference_labels is not None:
-            raise ValueError("'reference_labels' was given without 'reference'.")
-        r, y_r = q, y_q
-    else:
-        r = as_matrix(reference, "reference")
-        if reference_labels is None:
-            raise ValueError("'reference_labels' is needed with 'reference'.")
-        y_r = _labels(reference_labels, len(r), "reference_labels")
-        if r.shape[1] != q.shape[1]:
-            raise ValueError(f"'query' has dimension {q.shape[1]} but 'reference' has {r.shape[1]}: they must match.")
-    if len(q) == 0:
-        raise ValueError("The 'query' parameter is empty.")
-    qt, rt = torch.from_numpy(q), torch.from_numpy(r)
-    if distance == "cosine":
-        qt = torch.nn.functional.normalize(qt, dim=1)
-        rt = torch.nn.functional.normalize(rt, dim=1)
-    r_sq = sq_norms(rt) if distance == "l2" else None
-    n = len(r)
-    # class of every query and reference as integers over the union of labels
-    classes, inverse = np.unique(np.concatenate([y_q, y_r]), return_inverse=True)
-    cq, cr = inverse[: len(q)], inverse[len(q):]
-    rel_cols = {c: np.nonzero(cr == c)[0] for c in np.unique(cq)}
-    order = np.argsort(cq, kind="stable")
-    order = np.array([i for i in order if len(rel_cols[cq[i]]) - (1 if loo else 0) > 0], dtype=np.int64)
-    out: dict[int, np.ndarray] = {}
-    step = max(1, min(len(order), _BLOCK_BYTES // (_BYTES_PER_SCORE * max(n, 1))))
-    # buffers reused by every block: steady memory, no allocator churn (fragmentation made
-    # the resident size grow by ~1 GB at 100k queries without them)
-    scores_buf = torch.empty((step, n), dtype=torch.float32)
-    pos_buf = torch.empty((step, n), dtype=torch.int64)
-    near_buf = torch.empty((step, n), dtype=torch.float32)
-    tied_buf = torch.empty((step, n), dtype=torch.bool)
-    is_rel = torch.zeros(n, dtype=torch.bool)
-    with torch.inference_mode():
-        for start in range(0, len(order), step):
-            block = order[start : start + step]
-            scores = scores_buf[: len(block)]
-            torch.mm(qt[torch.from_numpy(block)], rt.T, out=scores)
-            if distance == "cosine":
-                scores.neg_()
-            else:  # squared L2 orders like L2
-                squared_l2_(scores, sq_norms(qt[torch.from_numpy(block)]), r_sq)
-            if loo:
-                scores[torch.arange(len(block)), torch.from_numpy(block)] = float("inf")
-            bc = cq[block]
-            bounds = np.flatnonzero(np.diff(bc)) + 1
-            for seg_start, seg_stop in zip(np.r_[0, bounds], np.r_[bounds, len(block)]):
-                c = bc[seg_start]
-                cols = rel_cols[c]
-                cols_t = torch.from_numpy(cols)
-                R = len(cols) - (1 if loo else 0)
-                rows = seg_stop - seg_start
-                d = scores[seg_start:seg_stop]
-                rel_sorted, rel_order = torch.sort(d[:, cols_t], dim=1, stable=True)
-                rel_sorted = rel_sorted[:, :R].contiguous()  # in leave-one-out, self (inf) sorts last
-                rel_order = rel_order[:, :R]
-                pos = pos_buf[:rows]
-                torch.searchsorted(rel_sorted, d, right=False, out=pos)  # relevant items strictly closer
-                counts = torch.zeros((rows, R + 1), dtype=torch.int64)
-                counts.scatter_add_(1, pos, torch.ones((1, 1), dtype=torch.int64).expand_as(pos))
-                # remove the relevant items' own contributions (each sits at its value's first slot)
-                own = torch.searchsorted(rel_sorted, rel_sorted, right=False)
-                counts.scatter_add_(1, own, torch.full_like(own, -1))
-                nonrel_before = counts.cumsum(1)[:, :R]
-                # exact ties between a non-relevant item and a relevant value: order by index
-                is_rel[cols_t] = True
-                near = near_buf[:rows]
-                torch.gather(rel_sorted, 1, pos.clamp_(max=R - 1), out=near)
-                tied = tied_buf[:rows]
-                torch.eq(near, d, out=tied)
-                tied.logical_and_(~is_rel[None, :])
-                is_rel[cols_t] = False
-                if bool(tied.any()):
-                    nonrel_before = _fix_ties(nonrel_before, tied, d, rel_sorted, rel_order, cols)
-                ranks = torch.arange(1, R + 1)[None, :] + nonrel_before
-                for row, rk in zip(block[seg_start:seg_stop], ranks.numpy()):
-                    out[int(row)] = rk
-    kept = np.array(sorted(out), dtype=np.int64)
-    return [out[i] for i in kept], kept
-
-
-def _fix_ties(nonrel_before, tied, d, rel_sorted, rel_order, cols):
-    """A non-relevant item x tied with relevant values was counted as preceding all of them;
-    it precedes only those of higher index: move it after the lower-index ones."""
-    nonrel_before = nonrel_before.clone()
-    for b, x in torch.nonzero(tied).tolist():
-        value = d[b, x]
-        lo = int(torch.searchsorted(rel_sorted[b], value.reshape(1), right=False))
-        hi = int(torch.searchsorted(rel_sorted[b], value.reshape(1), right=True))
-        tied_idx = cols[rel_order[b, lo:hi].numpy()]
-        # relevant items lo..hi-1 (sorted by index) with index < x are not preceded by x
-        n_before_x = int((tied_idx < x).sum())
-        nonrel_before[b, lo : lo + n_before_x] -= 1
-    return nonrel_before
+    res = _ranked(query, query_labels, reference, reference_labels, distance, METRICS)
+    order = np.argsort(res.query, kind="stable")
+    return [res.ranks[res.offsets[j] : res.offsets[j + 1]] for j in order], res.query[order]
 
 
 def evaluate_retrieval(
@@ -171,6 +98,7 @@ def evaluate_retrieval(
     reference_labels=None,
     ks: Sequence[int] = (1, 2, 4, 8),
     distance: str = "l2",
+    metrics: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """Gallery-wide retrieval metrics.
 
@@ -180,16 +108,18 @@ def evaluate_retrieval(
         reference, reference_labels: the gallery; None means leave-one-out over the queries.
         ks: the K of recall@K.
         distance: ``"l2"`` or ``"cosine"``.
+        metrics: which of :data:`METRICS` to compute (None: all; ``"recall"`` is recall@K
+            for every K in ``ks``). Asking only for ``recall``, ``precision@1`` and ``mrr``
+            is much faster: they need only each query's first relevant item.
 
     Returns:
         ``recall@K`` for each K, ``precision@1``, ``r_precision``, ``map@r``, ``map``
-        (full ranking), ``mrr``; ``num_queries`` (evaluated) and ``num_excluded`` (queries
-        with no relevant item in the gallery, left out of every metric).
+        (full ranking), ``mrr`` (those asked for); ``num_queries`` (evaluated) and
+        ``num_excluded`` (queries with no relevant item in the gallery, left out of every metric).
     """
-    ks = _check_ks(ks)
-    nq = len(np.asarray(query_labels))
-    ranks, kept = relevant_ranks(query, query_labels, reference, reference_labels, distance)
-    return _summarise(ranks, nq - len(kept), nq, ks)
+    ks, names = _check_ks(ks), _check_metrics(metrics)
+    res = _ranked(query, query_labels, reference, reference_labels, distance, names)
+    return _summarise(res, len(np.asarray(query_labels)), ks, names)
 
 
 def _check_ks(ks) -> list[int]:
@@ -199,42 +129,56 @@ def _check_ks(ks) -> list[int]:
     return ks
 
 
-def _per_query(ranks: list[np.ndarray], ks: list[int]) -> dict[str, np.ndarray]:
-    first = np.array([rk[0] for rk in ranks], dtype=np.float64)
-    r_prec, map_r, ap = np.empty(len(ranks)), np.empty(len(ranks)), np.empty(len(ranks))
-    for j, rk in enumerate(ranks):
-        R = len(rk)
-        hits = np.arange(1, R + 1) / rk  # precision at each relevant item's rank
-        within = rk <= R
-        r_prec[j] = within.sum() / R
-        map_r[j] = hits[within].sum() / R
-        ap[j] = hits.mean()
-    out = {f"recall@{k}": (first <= k).astype(np.float64) for k in ks}
-    out.update({"precision@1": (first == 1).astype(np.float64), "r_precision": r_prec, "map@r": map_r, "map": ap,
-                "mrr": 1.0 / first})
-    return out
+def _per_query(res: ranking.RankedRelevant, ks: list[int], names=METRICS) -> dict[str, np.ndarray]:
+    """Per-query metrics from CSR ranks, in ascending query order (vectorised over all ranks)."""
+    order = np.argsort(res.query, kind="stable")
+    first = res.ranks[res.offsets[:-1]].astype(np.float64)
+    out = {}
+    if "recall" in names:
+        out.update({f"recall@{k}": (first <= k).astype(np.float64) for k in ks})
+    if "precision@1" in names:
+        out["precision@1"] = (first == 1).astype(np.float64)
+    if {"r_precision", "map@r", "map"} & set(names):
+        sums = {name: np.zeros(len(first)) for name in ("r_precision", "map@r", "map")}
+        # rows in blocks of about a million ranks: the float64 temporaries stay small
+        cuts = np.unique(np.r_[np.searchsorted(res.offsets, np.arange(0, res.offsets[-1], 1 << 20), "right") - 1,
+                               len(first)])
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            lo, hi = res.offsets[a], res.offsets[b]
+            rk, lengths = res.ranks[lo:hi], np.diff(res.offsets[a : b + 1])
+            block_starts = res.offsets[a:b] - lo
+            hits = (np.arange(hi - lo) - np.repeat(block_starts - 1, lengths)) / rk  # precision at each
+            within = rk <= np.repeat(res.num_relevant[a:b], lengths)
+            sums["r_precision"][a:b] = np.add.reduceat(within, block_starts)
+            sums["map@r"][a:b] = np.add.reduceat(np.where(within, hits, 0.0), block_starts)
+            sums["map"][a:b] = np.add.reduceat(hits, block_starts)
+        out.update({name: sums[name] / res.num_relevant for name in sums if name in names})
+    if "mrr" in names:
+        out["mrr"] = 1.0 / first
+    return {key: values[order] for key, values in out.items()}
 
 
-def _summarise(ranks: list[np.ndarray], excluded: int, nq: int, ks: list[int]) -> dict[str, float]:
+def _summarise(res: ranking.RankedRelevant, nq: int, ks: list[int], names=METRICS) -> dict[str, float]:
+    excluded = nq - len(res.query)
     if excluded:
         logger.warning("%d of %d queries have no relevant item in the gallery and are left out", excluded, nq)
-    if not ranks:
+    if not len(res.query):
         raise ValueError("No query has a relevant item (same label) in the gallery: nothing to evaluate.")
-    result = {name: float(values.mean()) for name, values in _per_query(ranks, ks).items()}
-    result.update({"num_queries": len(ranks), "num_excluded": excluded})
+    result = {name: float(values.mean()) for name, values in _per_query(res, ks, names).items()}
+    result.update({"num_queries": len(res.query), "num_excluded": excluded})
     return result
 
 
 def per_query_metrics(query, query_labels, reference=None, reference_labels=None, ks: Sequence[int] = (1, 2, 4, 8),
-                      distance: str = "l2") -> dict[str, np.ndarray]:
+                      distance: str = "l2", metrics: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """The metrics of :func:`evaluate_retrieval` for each evaluated query (arrays aligned with
     ``kept``, the query rows that have a relevant item, under the key ``"query"``); their means
     are :func:`evaluate_retrieval`'s values. For intervals: :func:`bootstrap_interval`."""
-    ks = _check_ks(ks)
-    ranks, kept = relevant_ranks(query, query_labels, reference, reference_labels, distance)
-    if not ranks:
+    ks, names = _check_ks(ks), _check_metrics(metrics)
+    res = _ranked(query, query_labels, reference, reference_labels, distance, names)
+    if not len(res.query):
         raise ValueError("No query has a relevant item (same label) in the gallery: nothing to evaluate.")
-    return {"query": kept, **_per_query(ranks, ks)}
+    return {"query": np.sort(res.query), **_per_query(res, ks, names)}
 
 
 def bootstrap_interval(values, level: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -270,12 +214,12 @@ def evaluate_distances(distances, query_labels, reference_labels=None,
         raise ValueError(f"The 'distances' parameter must be a 2-D numeric (nq, nr) array. Got shape {d.shape}.")
     if np.isnan(d).any():
         raise ValueError("The 'distances' parameter contains NaN values.")
-    y_q = _labels(query_labels, d.shape[0], "query_labels")
+    y_q = check_labels(query_labels, "query_labels", d.shape[0])
     loo = reference_labels is None
     if loo and d.shape[0] != d.shape[1]:
         raise ValueError(f"Without 'reference_labels' the distances must be square (leave-one-out); got {d.shape}.")
-    y_r = y_q if loo else _labels(reference_labels, d.shape[1], "reference_labels")
-    ranks = []
+    y_r = y_q if loo else check_labels(reference_labels, "reference_labels", d.shape[1])
+    ranks, kept = [], []
     for i in range(len(d)):
         row = d[i].astype(np.float64, copy=True)
         relevant = y_r == y_q[i]
@@ -288,7 +232,11 @@ def evaluate_distances(distances, query_labels, reference_labels=None,
         if loo:  # itself, at +inf, goes to the very end (after any other +inf): drop it
             order = order[order != i]
         ranks.append(np.flatnonzero(relevant[order]).astype(np.int64) + 1)
-    return _summarise(ranks, len(d) - len(ranks), len(d), ks)
+        kept.append(i)
+    lengths = np.array([len(rk) for rk in ranks], dtype=np.int64)
+    res = ranking.RankedRelevant(query=np.array(kept, dtype=np.int64), offsets=np.r_[0, np.cumsum(lengths)],
+                                 ranks=np.concatenate(ranks) if ranks else np.empty(0, np.int64), num_relevant=lengths)
+    return _summarise(res, len(d), ks)
 
 
 def positive_ranks(features, sets, distance: str = "l2") -> np.ndarray:

@@ -44,7 +44,8 @@ def _check(k1, k2, lambda_value, n):
     if k1 + 1 > n:
         raise ValueError(f"The 'k1' parameter ({k1}) needs more than k1 = {k1} images in the query set and "
                          f"gallery together; got {n}. Lower k1.")
-    if isinstance(lambda_value, bool) or not isinstance(lambda_value, (int, float)) or not 0 <= lambda_value <= 1:
+    if isinstance(lambda_value, (bool, np.bool_)) or not isinstance(lambda_value, (int, float, np.integer, np.floating)) \
+            or not 0 <= lambda_value <= 1:
         raise ValueError(f"The 'lambda_value' parameter must be a number in [0, 1]. Got {lambda_value!r} instead.")
 
 
