@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--photos", default=str(Path.home() / ".cache/utils_cv/bench/photos"))
     parser.add_argument("--min-mp", type=float, default=2.0)
     parser.add_argument("--max-mp", type=float, default=12.0)
+    parser.add_argument("--rounds", type=int, default=2, help="turns of the two cold runs (best of each kept)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     src = Path(args.photos).expanduser()
@@ -66,8 +67,21 @@ def main(argv=None) -> int:
             rows.append((name, report.total, report.embedded, seconds))
             return report
 
-        timed("full decode, cold", work / "full", fast_decode=False)
-        timed("reduced-scale decode, cold", work / "fast")
+        # cold runs take turns (full, fast, full, fast) and each keeps its best: timings on a shared
+        # machine move by tens of percent, and the turns expose both to the same conditions
+        best = {}
+        for turn in range(args.rounds):
+            for name, kw in (("full decode, cold", {"fast_decode": False}), ("reduced-scale decode, cold", {})):
+                out = work / f"{'full' if kw else 'fast'}_{turn}"
+                t = time.perf_counter()
+                report = collection.index_folder(folder, out, progress=False, **kw)
+                seconds = time.perf_counter() - t
+                if name not in best or seconds < best[name][3]:
+                    best[name] = (name, report.total, report.embedded, seconds, out)
+        for name in ("full decode, cold", "reduced-scale decode, cold"):
+            rows.append(best[name][:4])
+        shutil.copytree(best["reduced-scale decode, cold"][4], work / "fast")
+        shutil.copytree(best["full decode, cold"][4], work / "full")
         shutil.copy2(extra[0], folder / extra[0].name)
         timed("reduced-scale decode, warm re-run + 1 photo", work / "fast")
         full = collection.open_collection(work / "full")
