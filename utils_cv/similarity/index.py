@@ -17,6 +17,7 @@ import numpy as np
 
 from utils_cv.similarity import index_backends as backends
 from utils_cv.similarity import index_storage as storage
+from utils_cv.common.paths import sha256sum
 from utils_cv.similarity._checks import DISTANCES, as_matrix, check_distance, positive_int
 from utils_cv.similarity.distances import faiss_module, knn, l2_normalize, pairwise_distances  # noqa: F401
 from utils_cv.similarity.index_backends import BACKENDS, FAISS_BACKENDS, FaissBackend  # noqa: F401
@@ -214,7 +215,7 @@ class SimilarityIndex:
             else:
                 data_file = "index.faiss"
                 faiss_module().write_index(self._faiss, str(tmp / data_file))
-            files = {name: storage.file_sha256(tmp / name) for name in ("ids.json", data_file)}
+            files = {name: sha256sum(tmp / name) for name in ("ids.json", data_file)}
             manifest = {"format": storage.FORMAT, "backend": self.backend, "distance": self.distance,
                         "dim": self.dim, "params": self.params, "metadata": self.metadata, "count": len(self),
                         "versions": library_versions("numpy", "faiss"), "sha256": files}
@@ -259,7 +260,7 @@ class SimilarityIndex:
         cls._check_manifest(manifest, where)
         for name, digest in manifest["sha256"].items():
             f = path / name
-            if not f.is_file() or storage.file_sha256(f) != digest:
+            if not f.is_file() or sha256sum(f) != digest:
                 raise ValueError(f"{str(f)!r} is missing or corrupted (checksum mismatch); rebuild or restore the index.")
         if backbone is not None and manifest["metadata"].get("backbone") not in (None, backbone):
             raise ValueError(f"This index holds features of backbone {manifest['metadata']['backbone']!r}, "

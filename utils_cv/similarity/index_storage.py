@@ -25,7 +25,6 @@ or ``index.faiss``. Guarantees:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import secrets
@@ -39,7 +38,7 @@ try:
 except ImportError:  # Windows: no advisory locks; saves stay atomic, concurrent access is not guarded
     fcntl = None
 
-__all__ = ["FORMAT", "INDEX_FILES", "check_save_target", "decode_id", "encode_id", "file_sha256", "locked",
+__all__ = ["FORMAT", "INDEX_FILES", "check_save_target", "decode_id", "encode_id", "locked",
            "new_folder", "read_ids", "read_json", "read_matrix", "swap_in"]
 
 FORMAT = "utils_cv.similarity.index/1"
@@ -158,12 +157,6 @@ def swap_in(tmp: Path, path: Path) -> None:
     tmp.rename(path)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in chunks (a large index is not read into memory twice)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_json(path: Path):
