@@ -36,8 +36,8 @@ from utils_cv.similarity.distances import pairwise_distances
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METRICS", "bootstrap_interval", "evaluate_distances", "evaluate_retrieval", "pairwise_distances", "per_query_metrics",
-           "positive_ranks", "recall_at_k", "relevant_ranks"]
+__all__ = ["METRICS", "bootstrap_interval", "evaluate_distances", "evaluate_retrieval", "pairwise_distances",
+           "per_query_metrics", "positive_ranks", "recall_at_k", "relevant_ranks"]
 
 METRICS = ("recall", "precision@1", "r_precision", "map@r", "map", "mrr")  # "recall": recall@K for K in ks
 _FIRST_RANK_ONLY = {"recall", "precision@1", "mrr"}  # these need only the first relevant item's rank

@@ -29,9 +29,9 @@ spent turning products into distances. Values agree with ``|x - y|^2`` to float3
 The product runs on torch (MKL, all cores); the scans of a tile run on numpy in one thread,
 where many short calls cost less than starting threads for each.
 Memory: one tile, and per relevant (query, item) pair a distance and a count (8 bytes; the
-ranks that come out take 8); operands are made a tile at a time from the caller's rows; when the pairs would pass
-``_STATE_BYTES`` the queries are taken in chunks, each against the whole reference (then
-without the symmetric saving).
+ranks that come out take 8); operands are made a tile at a time from the caller's rows. When
+the pairs would pass ``_STATE_BYTES`` the queries are taken in chunks, each against the whole
+reference (then without the symmetric saving).
 """
 from __future__ import annotations
 
@@ -81,30 +81,33 @@ class _Operands:
     for all rows, so a row's operand is the same whichever block it is taken in."""
 
     def __init__(self, x: np.ndarray, order: np.ndarray, distance: str):
-        self.x, self.order, self.cosine = torch.from_numpy(x), torch.from_numpy(order), distance == "cosine"
+        self.x, self.order, self.cosine = x, order, distance == "cosine"
+        t = torch.from_numpy(x)
         if self.cosine:  # as torch.nn.functional.normalize
-            self.norm = torch.linalg.vector_norm(self.x, dim=1).clamp_min(1e-12)
+            self.norm = torch.linalg.vector_norm(t, dim=1).clamp_min(1e-12).numpy()
         else:
-            self.norm = (self.x * self.x).sum(1)
+            self.norm = (t * t).sum(1).numpy()
 
     def __len__(self) -> int:
         return len(self.x)
 
-    def left(self, a: int, b: int) -> torch.Tensor:
-        idx = self.order[a:b]
-        rows = self.x[idx]
+    def _operand(self, positions, right: bool) -> torch.Tensor:
+        idx = self.order[positions]
+        rows, norm = self.x.take(idx, axis=0), self.norm[idx]
         if self.cosine:
-            return rows / self.norm[idx][:, None]
-        sq = self.norm[idx][:, None]
-        return torch.cat([rows, sq, torch.ones_like(sq)], 1)
+            rows /= norm[:, None]
+            return torch.from_numpy(np.negative(rows, out=rows) if right else rows)
+        out = np.empty((len(rows), rows.shape[1] + 2), dtype=np.float32)
+        np.multiply(rows, np.float32(-2.0 if right else 1.0), out=out[:, :-2])
+        out[:, -2], out[:, -1] = (1.0, norm) if right else (norm, 1.0)
+        return torch.from_numpy(out)
+
+    def left(self, a: int, b: int | None = None) -> torch.Tensor:
+        """Rows a..b of the class order (or the positions in the array ``a``) as left operands."""
+        return self._operand(a if b is None else slice(a, b), right=False)
 
     def right(self, a: int, b: int) -> torch.Tensor:
-        idx = self.order[a:b]
-        rows = self.x[idx]
-        if self.cosine:
-            return rows.div_(self.norm[idx][:, None]).neg_()
-        sq = self.norm[idx][:, None]
-        return torch.cat([rows.mul_(-2.0), torch.ones_like(sq), sq], 1)
+        return self._operand(slice(a, b), right=True)
 
 
 class _Ladders:
@@ -176,8 +179,9 @@ class _Ladders:
             np.copyto(pos, mid + 1, where=right)
         tied = pos < end
         tied &= self.values[np.minimum(pos, last)] == v
-        for j in np.flatnonzero(tied):  # equal distances: relevant items of lower index come first
-            pos[j] += self._tied_before(r[j], v[j], self.col_orig[c[j]])
+        tied = np.flatnonzero(tied)
+        if len(tied):  # equal distances: relevant items of lower index come first
+            pos[tied] += self._tied_before(r[tied], v[tied], self.col_orig[c[tied]])
         pos = pos[pos < end]  # past the last rung: it precedes no relevant item
         lo = self.offsets[r0]
         hi = self.offsets[r0 + n]
@@ -185,15 +189,22 @@ class _Ladders:
         if self.tighten:
             self._tighten(r0, n, lo, hi)
 
-    def _tied_before(self, row: int, value: np.float32, index: int) -> int:
-        """Relevant items of ``row`` at exactly ``value`` with a reference index below ``index``
-        (rare outside duplicates: recomputed here rather than stored for every rung)."""
-        c0, m = self.class_start[row], self.num_relevant[row] + (1 if self.loo else 0)
-        d = _mm(self.left.left(self.row0 + row, self.row0 + row + 1), self.right.right(c0, c0 + m)).numpy()[0]
-        members = c0 + np.flatnonzero(d == value)
-        if self.loo:
-            members = members[members != self.row0 + row]
-        return int((self.col_orig[members] < index).sum())
+    def _tied_before(self, rows: np.ndarray, values: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """For each (row, value, index): relevant items of the row at exactly that distance with
+        a lower reference index. Rare outside duplicates, so recomputed (one product per class,
+        the same kernel as the ladders') rather than stored for every rung."""
+        out = np.zeros(len(rows), dtype=np.int64)
+        for c0 in np.unique(self.class_start[rows]):
+            sel = np.flatnonzero(self.class_start[rows] == c0)
+            uniq, at = np.unique(rows[sel], return_inverse=True)
+            m = self.num_relevant[uniq[0]] + (1 if self.loo else 0)
+            d = _mm(self.left.left(self.row0 + uniq), self.right.right(c0, c0 + m)).numpy()[at]
+            members = np.arange(c0, c0 + m)
+            same = (d == values[sel][:, None]) & (self.col_orig[members][None, :] < indices[sel][:, None])
+            if self.loo:  # not the query itself
+                same &= members[None, :] != (self.row0 + rows[sel])[:, None]
+            out[sel] = same.sum(1)
+        return out
 
     def _tighten(self, r0: int, n: int, lo: int, hi: int) -> None:
         """Lower the rows' thresholds to the first rung i with i + 1 + (non-relevant items
