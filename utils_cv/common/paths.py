@@ -15,7 +15,7 @@ from typing import Iterator
 CACHE_ENV = "UTILS_CV_CACHE"
 OFFLINE_ENV = "UTILS_CV_OFFLINE"
 
-__all__ = ["CACHE_ENV", "OFFLINE_ENV", "atomic_write", "cache_dir", "offline", "sha256sum"]
+__all__ = ["CACHE_ENV", "OFFLINE_ENV", "atomic_write", "cache_dir", "offline", "sha256sum", "target_mode"]
 
 
 def cache_dir(*parts: str) -> Path:
@@ -48,7 +48,9 @@ def sha256sum(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _target_mode(path: Path) -> int:
+def target_mode(path: Path) -> int:
+    """The permission bits a file written at ``path`` should get: the existing file's, else
+    what the umask gives a new file (0666 & ~umask), never the 0600 of a temporary file."""
     try:
         return path.stat().st_mode & 0o7777
     except FileNotFoundError:
@@ -72,7 +74,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _target_mode(path))  # mkstemp makes 0600; keep the mode a plain write would give
+        os.chmod(tmp, target_mode(path))  # mkstemp makes 0600; keep the mode a plain write would give
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

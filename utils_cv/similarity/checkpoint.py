@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from utils_cv.common.paths import target_mode
 from utils_cv.common.versions import library_versions
 from utils_cv.similarity import model as model_mod
 from utils_cv.similarity.heads import HEADS, EmbeddingModel, SimilarityNet
@@ -156,15 +157,6 @@ def _temporary(path: Path) -> tuple[int, str]:
         os.close(fd)
 
 
-def _target_mode(path: Path) -> int:
-    try:
-        return path.stat().st_mode & 0o7777
-    except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
-
-
 def _write_atomically(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temporary(path)
@@ -173,7 +165,7 @@ def _write_atomically(path: Path, data) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-            os.chmod(tmp, _target_mode(path))  # mkstemp makes 0600; keep what a plain write would give
+            os.chmod(tmp, target_mode(path))  # mkstemp makes 0600; keep what a plain write would give
             os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):

@@ -37,7 +37,7 @@ from utils_cv.similarity import data as data_mod
 logger = logging.getLogger(__name__)
 
 __all__ = ["Collection", "IndexReport", "export_parquet", "index_folder", "load_embedder", "open_collection",
-           "pick_backend", "write_collection"]
+           "check_folders", "pick_backend", "write_collection"]
 
 FORMAT = "utils_cv.similarity.collection/1"
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -156,6 +156,21 @@ def open_collection(path: str | os.PathLike) -> Collection:
                       [tuple(s) for s in doc.get("skipped", [])], doc.get("created", ""))
 
 
+def check_folders(folder, out, backend: str = "auto") -> tuple[Path, Path]:
+    """``(root, out)`` resolved, after checking the backend name and that the output folder
+    does not lie inside the image folder (which is only ever read)."""
+    from utils_cv.similarity.index import BACKENDS
+
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"The 'backend' parameter must be 'auto' or one of {list(BACKENDS)}. Got {backend!r}.")
+    root = Path(folder).expanduser().resolve()
+    out = Path(out).expanduser().resolve()
+    if out == root or root in out.parents:
+        raise ValueError(f"The output folder {str(out)!r} lies inside the image folder {str(root)!r}: choose "
+                         "another place (the image folder is only ever read).")
+    return root, out
+
+
 def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str | os.PathLike | None = None,
                  backbone: str | None = None, weights: str | os.PathLike | None = None, backend: str = "auto",
                  batch_size: int = 32, progress: bool = True, fast_decode: bool = True) -> IndexReport:
@@ -166,16 +181,9 @@ def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str |
     ``fast_decode``: decode big photos at a reduced scale (see ``FeatureExtractor``).
     """
     from utils_cv.similarity.features import FeatureExtractor
-    from utils_cv.similarity.index import BACKENDS
 
     start = time.perf_counter()
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"The 'backend' parameter must be 'auto' or one of {list(BACKENDS)}. Got {backend!r}.")
-    root = Path(folder).expanduser().resolve()
-    out = Path(out).expanduser().resolve()
-    if out == root or root in out.parents:
-        raise ValueError(f"The output folder {str(out)!r} lies inside the image folder {str(root)!r}: choose "
-                         "another place (the image folder is only ever read).")
+    root, out = check_folders(folder, out, backend)
     spec = model_spec(model, backbone, weights)
     scan = data_mod.scan_images(root, labelled=False)
     skipped = [(str(p), r) for p, r in scan.skipped]

@@ -337,16 +337,9 @@ def index_folder_ray(folder, out, model=None, backbone: str | None = None, weigh
     """
     from utils_cv.common.download import sha256sum
     from utils_cv.similarity import collection
-    from utils_cv.similarity.index import BACKENDS
 
     start = time.perf_counter()
-    if backend != "auto" and backend not in BACKENDS:
-        raise ValueError(f"The 'backend' parameter must be 'auto' or one of {list(BACKENDS)}. Got {backend!r}.")
-    root = Path(folder).expanduser().resolve()
-    out = Path(out).expanduser().resolve()
-    if out == root or root in out.parents:
-        raise ValueError(f"The output folder {str(out)!r} lies inside the image folder {str(root)!r}: choose "
-                         "another place (the image folder is only ever read).")
+    root, out = collection.check_folders(folder, out, backend)
     spec = collection.model_spec(model, backbone, weights)
     report = embed(root, out / "shards", model=model, backbone=backbone or collection.DEFAULT_BACKBONE,
                    weights=weights, batch_size=batch_size, num_cpus_per_worker=num_cpus_per_worker,
