@@ -161,10 +161,7 @@ class SearchService:
         with self._dups_lock:
             if self._dups is None:
                 col = self.collection
-                groups = dedup.duplicate_groups(col.features, self.ids)
-                sha = {e["path"]: e["sha256"] for e in col.entries}
-                for g in groups:
-                    g.exact = len({sha[i] for i in g.ids}) == 1
+                groups = col.duplicate_groups()
                 by_abs = {str(col.abspath(i)): i for g in groups for i in g.ids}
                 remove = dedup.duplicates_to_remove([[str(col.abspath(i)) for i in g.ids] for g in groups], keep)
                 self._dups = (groups, [by_abs[p] for p in remove])

@@ -150,10 +150,8 @@ def cmd_duplicates(args) -> int:
         collection.index_folder(target, col_dir, model=args.model, backbone=args.backbone, weights=args.weights,
                                 batch_size=args.batch_size, progress=_progress(args))
     col = collection.open_collection(col_dir)
-    groups = dedup.duplicate_groups(col.features, [e["path"] for e in col.entries], args.threshold)
-    sha = {e["path"]: e["sha256"] for e in col.entries}
+    groups = col.duplicate_groups(args.threshold)
     for g in groups:
-        g.exact = len({sha[i] for i in g.ids}) == 1
         g.ids = [col.abspath(i) for i in g.ids]
     remove = dedup.duplicates_to_remove(groups, keep=args.keep)
     if args.json:

@@ -78,6 +78,17 @@ class Collection:
     def abspath(self, rel) -> Path:
         return self.root / str(rel)
 
+    def duplicate_groups(self, threshold: float | None = None) -> list:
+        """Near-duplicate groups of the collection (``dedup.duplicate_groups`` over its features,
+        ids the relative paths), each marked ``exact`` when its files have the same sha256."""
+        from utils_cv.similarity import dedup
+
+        groups = dedup.duplicate_groups(self.features, [e["path"] for e in self.entries], threshold)
+        sha = {e["path"]: e["sha256"] for e in self.entries}
+        for g in groups:
+            g.exact = len({sha[i] for i in g.ids}) == 1
+        return groups
+
 
 def model_spec(model: str | os.PathLike | None = None, backbone: str | None = None,
                weights: str | os.PathLike | None = None) -> dict:
