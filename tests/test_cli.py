@@ -235,3 +235,19 @@ def test_non_utf8_names_and_parquet_export(tmp_path, capsys):
     assert table.num_rows == len(col.entries) == 7 and odd in table.column("path_bytes").to_pylist()
     emb = np.asarray(table.column("embedding").to_pylist(), np.float32)
     np.testing.assert_allclose(emb, col.features, atol=1e-6)
+
+
+def test_duplicates_groups_copies_marks_identical_files_and_touches_nothing(tmp_path, capsys):
+    folder = draw_image_folder(tmp_path / "images", per_class=3)
+    shutil.copyfile(folder / "circles" / "circles_0.jpg", folder / "circles" / "copy_of_0.jpg")
+    before = tree_state(folder)
+    code, stdout, err = run(capsys, "duplicates", folder, "--index", tmp_path / "idx", "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    group = next(g for g in result["groups"] if any(h["path"].endswith("copy_of_0.jpg") for h in g))
+    assert {Path(h["path"]).name for h in group} >= {"circles_0.jpg", "copy_of_0.jpg"}
+    assert result["exact"][result["groups"].index(group)] is True
+    assert len([p for p in result["remove"] if Path(p).name in ("circles_0.jpg", "copy_of_0.jpg")]) == 1
+    assert tree_state(folder) == before, "duplicates never deletes, moves or writes a file"
+    code, stdout, _ = run(capsys, "duplicates", tmp_path / "idx", "--csv")
+    assert code == 0 and stdout.splitlines()[0] == "group,path,distance,exact,suggest_remove"
