@@ -79,6 +79,39 @@ def test_retrieval_validation_keeps_the_weights_of_the_best_epoch(folder):
     assert final >= scores[0] - 1e-9
 
 
+class _FitStarts(Callback):
+    """Records the weights when each fit starts."""
+
+    order = 70
+
+    def __init__(self):
+        super().__init__()
+        self.starts = []
+
+    def before_fit(self):
+        if not hasattr(self.learn, "lr_finder"):
+            self.starts.append(copy.deepcopy(self.learn.model.state_dict()))
+
+
+def test_one_validation_over_warm_up_and_unfrozen_phases(folder):
+    # the warm-up's last epoch is not its best here (a wild warm-up learning rate), so a restore at
+    # the end of the warm-up would start the unfrozen phase from other weights than it ended with
+    learn = _learner(folder, freeze_bn=True)
+    snaps, starts = _Snapshots(), _FitStarts()
+    learn.add_cbs([snaps, starts])
+    result = train.fine_tune(learn, 2, lr=1e-3, freeze_epochs=2, freeze_lr=5.0, progress=False)
+    scores = [e["map@r"] for e in result.log]
+    assert [e["epoch"] for e in result.log] == [0, 1, 2, 3, 4]  # numbered once across both phases
+    assert int(np.argmax(scores[:3])) != 2, "the test needs a warm-up whose last epoch is not its best"
+    assert len(starts.starts) == 2
+    ended_warm_up, started_unfrozen = snaps.states[2], starts.starts[1]
+    assert all(torch.equal(ended_warm_up[k], started_unfrozen[k]) for k in ended_warm_up)
+    best = int(np.argmax(scores))  # over both phases
+    assert result.best_epoch == best and result.best_score == pytest.approx(scores[best])
+    kept = learn.model.state_dict()
+    assert all(torch.equal(kept[k], snaps.states[best][k]) for k in kept)
+
+
 def test_fine_tune_returns_a_result_and_leaves_no_state_on_the_learner(folder):
     learn = _learner(folder, validate_every_epoch=False, device="cpu")
     before = set(vars(learn))

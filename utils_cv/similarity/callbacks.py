@@ -38,8 +38,11 @@ __all__ = ["FrozenBatchNormStats", "RetrievalValidation", "retrieval_validation"
 
 class RetrievalValidation(Callback):
     """The per-epoch log (losses, accuracy, and the MAP@R of the validation images, measured
-    before training too); at the end of each fit the weights with the best MAP@R (epoch 0,
-    the starting point, included) are restored.
+    before training too); the weights with the best MAP@R (epoch 0, the starting point,
+    included) are restored at the end of a fit, or, inside :meth:`one_run`, once at the end of
+    all the fits it holds (``train.fine_tune`` runs its warm-up and unfrozen phases as one run:
+    the unfrozen phase starts from where the warm-up ended, and the best epoch is chosen over
+    both phases).
 
     Args:
         paths, labels: the retrieval validation images (empty: log only, no MAP@R).
@@ -61,6 +64,7 @@ class RetrievalValidation(Callback):
         counts = {c: self.val_labels.count(c) for c in set(self.val_labels)}
         self.measures = bool(counts) and max(counts.values()) >= 2
         self.active = self.trained_in_fit = self.trained_in_epoch = False
+        self.deferred = self.trained_since_restore = False
 
     def _score(self) -> float:
         net = self.learn.model
@@ -107,9 +111,27 @@ class RetrievalValidation(Callback):
         self._record(entry)
 
     def after_fit(self):
-        if self.trained_in_fit and self.best_state is not None:
+        self.trained_since_restore |= self.trained_in_fit
+        if not self.deferred:
+            self.restore_best()
+
+    def restore_best(self) -> None:
+        """Load the best weights seen since the last restore (nothing when nothing trained)."""
+        if self.trained_since_restore and self.best_state is not None:
             self.learn.model.load_state_dict(self.best_state)
             logger.info("kept the weights of epoch %s (validation MAP@R %.4f)", self.best_epoch, self.best_score)
+        self.trained_since_restore = False
+
+    @contextlib.contextmanager
+    def one_run(self):
+        """Fits inside do not restore; the best weights over all of them are restored at the
+        end (not when a fit raises: the model then holds the weights it had when it stopped)."""
+        self.deferred = True
+        try:
+            yield self
+        finally:
+            self.deferred = False
+        self.restore_best()
 
 
 class FrozenBatchNormStats(Callback):

@@ -315,14 +315,15 @@ def fine_tune(learner, epochs: int | None = None, lr: float | None = None, freez
     seed = net.config.get("seed", 0) if seed is None else seed
     start = time.perf_counter()
     ctx = contextlib.nullcontext() if progress else learner.no_bar()
-    with _seeded(seed), ctx:
+    cb = retrieval_validation(learner)
+    one_run = cb.one_run() if cb is not None else contextlib.nullcontext()
+    with _seeded(seed), ctx, one_run:  # one validation over both phases: the warm-up is kept
         if freeze_epochs > 0:
             learner.freeze()
             learner.fit_one_cycle(freeze_epochs, freeze_lr)
         learner.unfreeze()
         if epochs > 0:
             learner.fit_one_cycle(epochs, slice(lr / lr_mult, lr), pct_start=0.3, div=5.0)
-    cb = retrieval_validation(learner)
     if cb is None:
         return FineTuneResult([], seconds=time.perf_counter() - start)
     return FineTuneResult([dict(h) for h in cb.history], best_epoch=cb.best_epoch,
