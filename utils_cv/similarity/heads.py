@@ -55,7 +55,7 @@ DEFAULT_HEAD = "softmax"
 # (backbone, image_size, embedding_dim) or ``train.fine_tune`` (the rest) argument. Read-only:
 # copy an entry (``dict(RECIPES["softmax"])``) to vary it.
 RECIPES = MappingProxyType({
-    "softmax": MappingProxyType(dict(backbone="efficientnet_lite0", image_size=160, freeze_epochs=2, epochs=8,
+    "softmax": MappingProxyType(dict(backbone="efficientnet_lite0", image_size=160, freeze_epochs=0, epochs=8,
                                      freeze_lr=1e-2, lr=2e-3, lr_mult=5, embedding_dim=None)),
     "normsoftmax": MappingProxyType(dict(backbone="efficientnet_lite0", image_size=160, freeze_epochs=3, epochs=8,
                                          freeze_lr=1e-2, lr=2e-3, lr_mult=10, embedding_dim=512)),
