@@ -104,6 +104,8 @@ def test_bad_arguments_fail_before_any_work(tmp_path, image_folder):
 
     with pytest.raises(ValueError, match="'shard_size'"):
         scale.embed(image_folder, tmp_path / "out", shard_size=0)
+    with pytest.raises(ValueError, match="'decode'"):
+        scale.embed(image_folder, tmp_path / "out", decode="gpu")
     net, _ = model.create_backbone(pretrained=False, image_size=32)
     with pytest.raises(ValueError, match="transform="):
         scale.embed(image_folder, tmp_path / "out", model=net)
@@ -154,6 +156,11 @@ def test_ray_collection_equals_feature_extractor_and_lists_bad_files(ray_local, 
     shard = pa.parquet.read_table(scale_io.list_shards(out / "shards")[0])
     assert shard.column_names == ["path", "embedding", "model", "error"]
     assert set(shard.column("model").to_pylist()) == {"efficientnet_lite0"}
+    # decode tasks feeding the model actors (the GPU layout): the same rows and errors
+    tasks = scale.embed(root, tmp_path / "tasks", decode="tasks", shard_size=5, batch_size=4, progress=False)
+    t_paths, t_feats, t_errors = scale_io.load_embeddings(tasks.shards)
+    assert t_paths == paths and sorted(p for p, _ in t_errors) == sorted(p for p, _ in errors)
+    assert np.min(np.sum(t_feats * feats, axis=1)) >= 0.9999
     col = collection.open_collection(out)  # what `query` opens
     _, ids = col.index.search(col.features[:3], 1)
     assert list(ids[:, 0]) == [e["path"] for e in col.entries[:3]]

@@ -2,11 +2,11 @@
 
 :func:`embed` lists the images of a source (a folder, a glob, a list, or a parquet / CSV file of
 paths; local paths or URIs that pyarrow's filesystems open: ``s3://``, ``gs://``), cuts the
-list into shards of ``shard_size`` images, and runs the pending shards through Ray Data: tasks
-read and decode the images in parallel (the preprocessing of
-:class:`~utils_cv.similarity.features.FeatureExtractor`: :func:`features.to_rgb_image`, then the
-model's transform), a pool of actors each holding the model once (on a GPU when
-``num_gpus_per_worker > 0``) embeds them, and the driver writes each finished shard as one
+list into shards of ``shard_size`` images, and runs the pending shards through Ray Data: a pool
+of actors each holding the model once reads, decodes and embeds batches of paths with
+:class:`~utils_cv.similarity.features.FeatureExtractor`, as one process does (CPU workers), or,
+with GPU actors (``num_gpus_per_worker > 0``), tasks read and decode in parallel and feed the
+actors decoded batches (``decode=``); the driver writes each finished shard as one
 parquet file (``path``, ``embedding`` float32 list, ``model``, ``error``) through a temporary
 file renamed into place. A file that cannot be read becomes a row with an ``error``, never a
 failed job. A re-run skips the shards whose file exists: a shard's name holds a digest of its
@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from utils_cv.similarity.scale_index import ShardedIndex, build_index
-from utils_cv.similarity.scale_io import (existing_files, filesystem, is_uri, list_source, load_embeddings, shard_table,
-                                           write_shard)
+from utils_cv.similarity.scale_io import (decode_batch, existing_files, filesystem, is_uri, list_source,
+                                           load_embeddings, shard_table, write_shard)
 
 logger = logging.getLogger(__name__)
 
@@ -103,49 +103,10 @@ def _build(spec: dict, payload):
 
 
 # ---------------------------------------------------------------------------- Ray stages
-def _pixels(path: str, transform) -> np.ndarray:
-    """The model's input for one image: the preprocessing of FeatureExtractor (to_rgb_image,
-    then the transform); URIs are read through pyarrow and decoded from memory."""
-    from PIL import Image
-
-    from utils_cv.similarity.features import to_rgb_image
-
-    if is_uri(path):
-        fs, inner = filesystem(path)
-        with fs.open_input_file(inner) as f:
-            data = f.read()
-        with Image.open(io.BytesIO(data)) as im:
-            image = to_rgb_image(im)
-    else:
-        image = to_rgb_image(path)
-    return np.asarray(transform(image), dtype=np.float32)
-
-
-def _decode_batch(batch: dict, transform) -> dict:
-    from PIL import Image
-
-    arrays, errors = [], []
-    for p in batch["path"]:
-        try:
-            arrays.append(_pixels(str(p), transform))
-            errors.append("")
-        except Exception as exc:  # noqa: BLE001 - the file becomes a row with its error
-            arrays.append(None)
-            errors.append(f"Could not decode image {str(p)!r}: {type(exc).__name__}: {exc}")
-    shape = next((a.shape for a in arrays if a is not None), None)
-    if shape is None:
-        shape = np.asarray(transform(Image.new("RGB", (256, 256))), dtype=np.float32).shape
-    pixels = np.zeros((len(arrays), *shape), np.float32)
-    for i, a in enumerate(arrays):
-        if a is not None and a.shape == shape:
-            pixels[i] = a
-        elif a is not None:
-            errors[i] = f"the transform gave shape {a.shape}, not {shape} as for the other images"
-    return {"path": batch["path"], "pos": batch["pos"], "pixels": pixels, "error": np.array(errors, dtype=object)}
-
-
 class _Embedder:
-    """A Ray Data actor: builds the model once, then embeds decoded batches."""
+    """A Ray Data actor: builds the model once, then embeds batches. Batches with ``pixels``
+    were decoded by tasks; batches of paths are read and decoded here, by
+    ``FeatureExtractor.extract``: the pipeline of one process, file for file."""
 
     def __init__(self, spec: dict, payload, use_gpu: bool, threads: int, chunk_size: int | None):
         import torch
@@ -158,16 +119,45 @@ class _Embedder:
         if device.type == "cpu":
             torch.set_num_threads(max(1, threads))
         # FeatureExtractor's prepared copy and forward pass: the same features as one process
-        self.extractor = FeatureExtractor(module, transform, device=device, chunk_size=chunk_size)
+        self.extractor = FeatureExtractor(module, transform, device=device, chunk_size=chunk_size, num_workers=0)
         probe = np.asarray(transform(Image.new("RGB", (64, 64))), np.float32)[None]
         self.dim = self.extractor.embed_batch(probe).shape[1]  # a batch of failures still has width d
 
     def __call__(self, batch: dict) -> dict:
+        if "pixels" not in batch:
+            return self._read_and_embed(batch)
         ok = np.array([e == "" for e in batch["error"]], bool)
         emb = np.zeros((len(ok), self.dim), np.float32)
         if ok.any():
             emb[ok] = self.extractor.embed_batch(batch["pixels"][ok])
         return {"path": batch["path"], "pos": batch["pos"], "error": batch["error"], "embedding": emb}
+
+    def _read_and_embed(self, batch: dict) -> dict:
+        from PIL import Image
+
+        paths = [str(p) for p in batch["path"]]
+        errors = [""] * len(paths)
+        items, where = [], []
+        for i, p in enumerate(paths):
+            try:
+                if is_uri(p):  # read through pyarrow, decoded from memory
+                    fs, inner = filesystem(p)
+                    with fs.open_input_file(inner) as f:
+                        items.append(Image.open(io.BytesIO(f.read())))
+                else:
+                    items.append(p)
+                where.append(i)
+            except Exception as exc:  # noqa: BLE001 - the file becomes a row with its error
+                errors[i] = f"Could not decode image {p!r}: {type(exc).__name__}: {exc}"
+        emb = np.zeros((len(paths), self.dim), np.float32)
+        if items:
+            got = self.extractor.extract(items, on_error="skip", progress=False)
+            emb[np.asarray(where)[got.kept]] = got.features
+            failed = sorted(set(range(len(items))) - set(got.kept.tolist()))  # skipped lists them in this order
+            for j, (_, why) in zip(failed, got.skipped):
+                errors[where[j]] = why.replace(repr(f"item {j}"), repr(paths[where[j]]))  # URIs: name the file
+        return {"path": batch["path"], "pos": batch["pos"], "error": np.array(errors, dtype=object),
+                "embedding": emb}
 
 
 @contextlib.contextmanager
@@ -205,9 +195,9 @@ def _plan(listing, spec: dict, shard_size: int) -> list[tuple[str, list]]:
 
 
 def embed(source, output, model=None, backbone: str = "efficientnet_lite0", transform=None, weights=None,
-          batch_size: int = 32, num_cpus_per_worker: float = 1, num_gpus_per_worker: float = 0,
+          batch_size: int = 32, num_cpus_per_worker: float | None = None, num_gpus_per_worker: float = 0,
           concurrency: int | tuple[int, int] | None = None, address: str | None = None, shard_size: int = 10_000,
-          chunk_size: int | None = None, progress: bool = True) -> EmbedReport:
+          chunk_size: int | None = None, progress: bool = True, decode: str = "auto") -> EmbedReport:
     """Embed every image of ``source`` on Ray into parquet shards in ``output`` (see the module doc).
 
     Args:
@@ -219,18 +209,27 @@ def embed(source, output, model=None, backbone: str = "efficientnet_lite0", tran
         backbone, weights: as in ``model.create_backbone`` when ``model`` is None.
         batch_size: images per batch given to an actor.
         num_cpus_per_worker, num_gpus_per_worker: what each model actor reserves; with GPUs the
-            actors run the model on their GPU.
+            actors run the model on their GPU. ``num_cpus_per_worker`` None: 1 with decode
+            tasks, else the CPUs of the largest node up to 4 (the actor's torch threads).
         concurrency: model actors (an int, or (min, max) to let Ray scale the pool); None: one
             per GPU (``num_gpus_per_worker > 0``) or one per ``num_cpus_per_worker`` CPUs of the
-            cluster, less a quarter of the CPUs left to decoding.
+            cluster (with decode tasks, less a quarter of the CPUs left to them).
         address: the Ray cluster (``"auto"``, ``"ray://head:10001"``); None: the session already
             initialised in this process, else a local one (shut down again at the end).
         shard_size: images per shard: the unit that is written atomically and skipped on a re-run.
         chunk_size: images per forward call; None: 4 on the CPU, the batch on a GPU.
+        decode: where images are read and decoded. ``"actor"``: by the model actor itself, as
+            one process does (no decoded pixels cross the object store; measured fastest on
+            CPU workers, benchmarks/bench_scale.py); ``"tasks"``: by separate Ray tasks that
+            feed the actors (keeps GPU actors busy while CPUs decode); ``"auto"``: tasks when
+            ``num_gpus_per_worker > 0``, else the actor.
 
     Returns:
         an :class:`EmbedReport`. Bad files are rows with an ``error`` (also in ``errors``).
     """
+    if decode not in ("auto", "actor", "tasks"):
+        raise ValueError(f"The 'decode' parameter must be 'auto', 'actor' or 'tasks'. Got {decode!r}.")
+    decode = ("tasks" if num_gpus_per_worker else "actor") if decode == "auto" else decode
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value < _SHARD_STRIDE:
             raise ValueError(f"The {name!r} parameter must be an integer in [1, {_SHARD_STRIDE}). Got {value!r}.")
@@ -254,7 +253,7 @@ def embed(source, output, model=None, backbone: str = "efficientnet_lite0", tran
     report.embedded = sum(len(items) for _, _, items in pending)
     if pending:
         _run(pending, output, spec, payload, name, report, batch_size, num_cpus_per_worker, num_gpus_per_worker,
-             concurrency, address, chunk_size, progress)
+             concurrency, address, chunk_size, progress, decode)
     stale = sorted(n for n in done - {n for n, _ in plan} if n.startswith("part-") and n.endswith(".parquet"))
     fs, root = filesystem(output)
     for n in stale:  # shards of an earlier listing or model: no longer part of this output
@@ -266,7 +265,7 @@ def embed(source, output, model=None, backbone: str = "efficientnet_lite0", tran
 
 
 def _run(pending, output, spec, payload, model_name, report, batch_size, cpus, gpus, concurrency, address,
-         chunk_size, progress) -> None:
+         chunk_size, progress, decode) -> None:
     import pyarrow as pa
     from tqdm.auto import tqdm
 
@@ -277,24 +276,29 @@ def _run(pending, output, spec, payload, model_name, report, batch_size, cpus, g
     tables = [pa.table({"path": pa.array([r[0] for r in rows[s:s + block]], pa.string()),
                         "pos": pa.array([r[1] * _SHARD_STRIDE + r[2] for r in rows[s:s + block]], pa.int64())})
               for s in range(0, len(rows), block)]
-    transform = _build(spec, payload)[1]  # the decode tasks need the model's transform
+    transform = _build(spec, payload)[1] if decode == "tasks" else None  # the decode tasks need the transform
     with _ray_session(address) as ray:
         import ray.data
 
         total = ray.cluster_resources()
+        if cpus is None:  # "actor": the threads of one process on a node, as extract_features uses them
+            node_cpus = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1]
+            cpus = 1 if decode == "tasks" else max(1, min(4, int(max(node_cpus))))
         if concurrency is None:
+            share = 0.75 if decode == "tasks" else 1.0  # decode tasks get the rest
             concurrency = (max(1, int(total.get("GPU", 0) // gpus)) if gpus else
-                           max(1, int(total.get("CPU", 1) * 0.75 // cpus)))
+                           max(1, int(total.get("CPU", 1) * share // cpus)))
         pool = (ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
                 if isinstance(concurrency, tuple) else ray.data.ActorPoolStrategy(size=int(concurrency)))
         ctx = ray.data.DataContext.get_current()
         saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
         ctx.execution_options.preserve_order, ctx.enable_progress_bars = True, False
         try:
-            ds = (ray.data.from_arrow(tables)
-                  .map_batches(_decode_batch, fn_kwargs={"transform": transform}, batch_size=batch_size,
-                               batch_format="numpy", num_cpus=0.25)
-                  .map_batches(_Embedder, fn_constructor_kwargs={
+            ds = ray.data.from_arrow(tables)
+            if decode == "tasks":
+                ds = ds.map_batches(decode_batch, fn_kwargs={"transform": transform}, batch_size=batch_size,
+                                    batch_format="numpy", num_cpus=0.25)
+            ds = (ds.map_batches(_Embedder, fn_constructor_kwargs={
                       "spec": spec, "payload": payload, "use_gpu": bool(gpus), "threads": max(1, int(cpus)),
                       "chunk_size": chunk_size}, batch_size=batch_size, batch_format="numpy", compute=pool,
                       num_cpus=cpus, num_gpus=gpus or None))
@@ -323,7 +327,7 @@ def _run(pending, output, spec, payload, model_name, report, batch_size, cpus, g
 
 # ---------------------------------------------------------------------------- the CLI's path
 def index_folder_ray(folder, out, model=None, backbone: str | None = None, weights=None, backend: str = "auto",
-                     batch_size: int = 32, address: str | None = None, num_cpus_per_worker: float = 1,
+                     batch_size: int = 32, address: str | None = None, num_cpus_per_worker: float | None = None,
                      num_gpus_per_worker: float = 0, concurrency=None, shard_size: int = 10_000,
                      progress: bool = True):
     """``utils-cv-similarity index FOLDER --out DIR --engine ray``: embed ``folder`` on Ray and

@@ -3,11 +3,13 @@
 Paths are local or URIs that pyarrow's filesystems open (``s3://``, ``gs://``, ``hdfs://``).
 A shard is one parquet file with columns ``path`` (string), ``embedding`` (fixed-size list of
 float32, null where the image failed), ``model`` (string) and ``error`` (string, null when the
-image was embedded), in the order of the images. Nothing here needs Ray or torch.
+image was embedded), in the order of the images. Nothing here needs Ray; only the decoding
+used by Ray's decode tasks (``decode_batch``) imports torch, when called.
 """
 from __future__ import annotations
 
 import glob as globlib
+import io
 import json
 import logging
 import os
@@ -18,8 +20,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FORMAT", "existing_files", "filesystem", "is_uri", "iter_shards", "list_shards", "list_source",
-           "load_embeddings", "shard_table", "write_shard"]
+__all__ = ["FORMAT", "decode_batch", "existing_files", "filesystem", "is_uri", "iter_shards", "list_shards", "list_source",
+           "load_embeddings", "pixels", "shard_table", "write_shard"]
 
 FORMAT = "utils_cv.similarity.shards/1"
 _TABLE_SUFFIXES = (".parquet", ".csv")
@@ -260,3 +262,47 @@ def shard_table(parts: list[dict], model_name: str, spec: dict, dim: int):
         "error": pa.array([str(e) if f else None for e, f in zip(errors, failed)], pa.string()),
     })
     return table.replace_schema_metadata({"utils_cv": json.dumps({"format": FORMAT, "model": spec})})
+
+
+# ---------------------------------------------------------------------------- decoding
+def pixels(path: str, transform) -> np.ndarray:
+    """The model's input for one image: the preprocessing of FeatureExtractor (to_rgb_image,
+    then the transform); URIs are read through pyarrow and decoded from memory."""
+    from PIL import Image
+
+    from utils_cv.similarity.features import to_rgb_image
+
+    if is_uri(path):
+        fs, inner = filesystem(path)
+        with fs.open_input_file(inner) as f:
+            data = f.read()
+        with Image.open(io.BytesIO(data)) as im:
+            image = to_rgb_image(im)
+    else:
+        image = to_rgb_image(path)
+    return np.asarray(transform(image), dtype=np.float32)
+
+
+def decode_batch(batch: dict, transform) -> dict:
+    """A Ray Data batch of paths -> the same rows with ``pixels`` (the model's input) and
+    ``error`` (empty, or why the file could not be read)."""
+    from PIL import Image
+
+    arrays, errors = [], []
+    for p in batch["path"]:
+        try:
+            arrays.append(pixels(str(p), transform))
+            errors.append("")
+        except Exception as exc:  # noqa: BLE001 - the file becomes a row with its error
+            arrays.append(None)
+            errors.append(f"Could not decode image {str(p)!r}: {type(exc).__name__}: {exc}")
+    shape = next((a.shape for a in arrays if a is not None), None)
+    if shape is None:
+        shape = np.asarray(transform(Image.new("RGB", (256, 256))), dtype=np.float32).shape
+    out = np.zeros((len(arrays), *shape), np.float32)
+    for i, a in enumerate(arrays):
+        if a is not None and a.shape == shape:
+            out[i] = a
+        elif a is not None:
+            errors[i] = f"the transform gave shape {a.shape}, not {shape} as for the other images"
+    return {"path": batch["path"], "pos": batch["pos"], "pixels": out, "error": np.array(errors, dtype=object)}
