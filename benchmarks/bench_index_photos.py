@@ -35,6 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--min-mp", type=float, default=2.0)
     parser.add_argument("--max-mp", type=float, default=12.0)
     parser.add_argument("--rounds", type=int, default=2, help="turns of the two cold runs (best of each kept)")
+    parser.add_argument("--breakdown", action="store_true", help="also time each stage alone (what bounds the gain)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     src = Path(args.photos).expanduser()
@@ -101,7 +102,55 @@ def main(argv=None) -> int:
         rate = total / seconds
         print(f"| {name} | {total} | {embedded} | {seconds:.1f} | {rate:.1f} | {rate / base:.1f}x |")
     print(f"\nfeatures, reduced-scale vs full decode: mean cosine {cos.mean():.4f}, min {cos.min():.4f}")
+    if args.breakdown:
+        breakdown([p for p, _ in chosen], base)
     return 0
+
+
+def breakdown(paths, full_rate: float) -> None:
+    """Per-photo costs of the cold path, each stage alone (median of the photos): what bounds
+    the speed-up over full decoding. With every stage spread perfectly over the cores, a photo
+    costs (hash + decode + forward core-seconds) / cores."""
+    import hashlib
+    import os
+
+    import torch
+
+    from utils_cv.similarity import data, model
+    from utils_cv.similarity.features import FeatureExtractor
+
+    net, transform = model.create_backbone()
+    ext = FeatureExtractor(net, transform)
+    min_size = ext.min_size  # the shorter side reduced-scale decoding keeps
+    cost = {"sha256": [], "reduced-scale decode + transform": [], "full decode + transform": []}
+    for p in paths:
+        t = time.perf_counter()
+        hashlib.sha256(Path(p).read_bytes()).hexdigest()
+        cost["sha256"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        transform(data.load_image(p, min_size=min_size))
+        cost["reduced-scale decode + transform"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        transform(data.load_image(p))
+        cost["full decode + transform"].append(time.perf_counter() - t)
+    batch = torch.randn(32, 3, 224, 224).numpy()
+    ext.embed_batch(batch)  # warm-up
+    threads = torch.get_num_threads()
+    t = time.perf_counter()
+    for _ in range(3):
+        ext.embed_batch(batch)
+    forward = (time.perf_counter() - t) / 96
+    cores = len(os.sched_getaffinity(0))
+    print(f"\ncost per photo (median; the forward pass per image at batch 32 with {threads} threads), {cores} cores\n")
+    print("| stage | ms | core-ms |\n|---|---:|---:|")
+    med = {k: float(np.median(v)) for k, v in cost.items()}
+    for k, v in med.items():
+        print(f"| {k} | {1000 * v:.1f} | {1000 * v:.1f} |")
+    print(f"| model forward | {1000 * forward:.1f} | {1000 * forward * threads:.1f} |")
+    core_s = med["sha256"] + med["reduced-scale decode + transform"] + forward * threads
+    bound = cores / core_s
+    print(f"\nupper bound with reduced-scale decoding, every stage spread perfectly over {cores} cores: "
+          f"{bound:.1f} img/s = {bound / full_rate:.1f}x the full-decode run ({full_rate:.1f} img/s)")
 
 
 if __name__ == "__main__":
