@@ -44,11 +44,12 @@ class SimilarityIndex:
         self._removed: set[int] = set()
         self._exact = backends.ExactRows(np.empty((0, dim), np.float32)) if backend == "exact" else None
         self._faiss = None
+        self.whitening = None  # a whitening.PCAWhitening applied to every row added and every query
 
     # ------------------------------------------------------------------ building
     @classmethod
     def build(cls, features, ids, backend: str = "exact", distance: str = "l2", metadata: dict | None = None,
-              **params) -> "SimilarityIndex":
+              whitening=None, **params) -> "SimilarityIndex":
         """Index ``features`` (n, d) under ``ids`` (n hashable ids, e.g. file paths).
 
         Args:
@@ -56,6 +57,9 @@ class SimilarityIndex:
                 :data:`FAISS_BACKENDS`: ``"hnsw"``, ``"ivfsq"``, ``"ivfpq"`` (``pip install faiss-cpu``).
             distance: ``"l2"`` or ``"cosine"``.
             metadata: what made the features (backbone, preprocessing...), saved with the index.
+            whitening: a fitted ``whitening.PCAWhitening`` (e.g. ``PCAWhitening.fit(features)``):
+                applied to these rows, to every row added later and to every query, and saved
+                with the index. Callers keep passing the backbone's features.
             **params: backend parameters; defaults in :data:`FAISS_BACKENDS` (hnsw: M=32,
                 efConstruction=200, efSearch=128; ivfsq: nlist=4*sqrt(n), nprobe=8,
                 refine=False; ivfpq: nlist=4*sqrt(n), nprobe=8, m=d/4, refine=True, k_factor=32).
@@ -64,12 +68,34 @@ class SimilarityIndex:
             raise ValueError(f"The 'backend' parameter must be one of {set(BACKENDS)}. Got {backend!r} instead.")
         check_distance(distance)
         x = cls._checked_rows(features)
-        merged = backends.resolve_params(backend, params, *x.shape)
-        index = cls(backend, distance, x.shape[1], merged, metadata)
+        if whitening is not None:
+            if not callable(whitening) or not hasattr(whitening, "to_arrays"):
+                raise TypeError("The 'whitening' parameter must be a whitening.PCAWhitening (or None).")
+            if x.shape[1] != whitening.input_dim:
+                raise ValueError(f"'features' has dimension {x.shape[1]}; the whitening was fitted on "
+                                 f"{whitening.input_dim}.")
+        stored = x if whitening is None else whitening(x)
+        merged = backends.resolve_params(backend, params, *stored.shape)
+        index = cls(backend, distance, stored.shape[1], merged, metadata)
+        index.whitening = whitening
         if backend != "exact":
-            index._faiss = backends.build_faiss(backend, merged, x.shape[1], index._prepared(x))
-        index.add(x, ids)
+            index._faiss = backends.build_faiss(backend, merged, stored.shape[1], index._prepared(stored))
+        index._add_rows(stored, ids)
         return index
+
+    @property
+    def input_dim(self) -> int:
+        """The dimension of the features that ``add`` and ``search`` take (``dim`` is that of the
+        stored vectors; they differ when a whitening reduces the dimension)."""
+        return self.dim if self.whitening is None else self.whitening.input_dim
+
+    def _stored(self, x: np.ndarray, name: str) -> np.ndarray:
+        """Rows given by a caller, checked, in the space the index stores (whitened)."""
+        if x.shape[1] != self.input_dim:
+            hint = "" if name == "features" else f" (features of {self.metadata.get('backbone', 'another model')!r}?)"
+            raise ValueError(f"{name!r} has dimension {x.shape[1]} but the index takes dimension {self.input_dim}"
+                             f"{hint}.")
+        return x if self.whitening is None else self.whitening(x)
 
     @staticmethod
     def _checked_rows(features) -> np.ndarray:
@@ -115,8 +141,12 @@ class SimilarityIndex:
         ids = list(ids)
         if len(ids) != len(x):
             raise ValueError(f"'ids' has {len(ids)} items but 'features' has {len(x)} rows: they must be aligned.")
-        if x.shape[1] != self.dim:
-            raise ValueError(f"'features' has dimension {x.shape[1]}; this index holds dimension {self.dim}.")
+        self._add_rows(self._stored(x, "features"), ids)
+
+    def _add_rows(self, x: np.ndarray, ids: list) -> None:
+        ids = list(ids)
+        if len(ids) != len(x):
+            raise ValueError(f"'ids' has {len(ids)} items but 'features' has {len(x)} rows: they must be aligned.")
         if len(set(ids)) != len(ids):
             raise ValueError("'ids' contains duplicates: each id names one item.")
         clash = [i for i in ids if i in self._row_of]
@@ -164,9 +194,7 @@ class SimilarityIndex:
         q = as_matrix(query, "query")
         if len(q) == 0:
             raise ValueError("The 'query' parameter is empty: give at least one row.")
-        if q.shape[1] != self.dim:
-            raise ValueError(f"'query' has dimension {q.shape[1]} but the index holds dimension {self.dim} "
-                             f"(features of {self.metadata.get('backbone', 'another model')!r}?).")
+        q = self._stored(q, "query")
         positive_int(k, "k")
         if k > len(self):
             raise ValueError(f"The 'k' parameter ({k}) is larger than the {len(self)} items in the index.")
@@ -215,10 +243,16 @@ class SimilarityIndex:
             else:
                 data_file = "index.faiss"
                 faiss_module().write_index(self._faiss, str(tmp / data_file))
-            files = {name: sha256sum(tmp / name) for name in ("ids.json", data_file)}
+            names = ["ids.json", data_file]
+            if self.whitening is not None:
+                np.savez(tmp / storage.WHITENING_FILE, **self.whitening.to_arrays())
+                names.append(storage.WHITENING_FILE)
+            files = {name: sha256sum(tmp / name) for name in names}
             manifest = {"format": storage.FORMAT, "backend": self.backend, "distance": self.distance,
                         "dim": self.dim, "params": self.params, "metadata": self.metadata, "count": len(self),
                         "versions": library_versions("numpy", "faiss"), "sha256": files}
+            if self.whitening is not None:
+                manifest["whitening"] = {"input_dim": self.whitening.input_dim, "dim": self.whitening.dim}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
             with storage.locked(path, shared=False):
                 storage.check_save_target(path)  # again: it may have changed while the files were written
@@ -271,6 +305,8 @@ class SimilarityIndex:
         if manifest["count"] != len(index):
             raise ValueError(f"{str(where)!r}: field 'count' is {manifest['count']}, but ids.json holds {len(index)}.")
         index._row_of = {i: r for r, i in enumerate(index._ids) if r not in index._removed}
+        if "whitening" in manifest:
+            index.whitening = storage.read_whitening(path / storage.WHITENING_FILE, manifest["whitening"], index.dim)
         if index.backend == "exact":
             index._exact = backends.ExactRows(storage.read_matrix(path / "features.npy", len(index._ids), index.dim))
             return index
@@ -316,8 +352,9 @@ class SimilarityIndex:
                          if n in expected and backends.param_problem(n, v)]
         data_file = "features.npy" if backend == "exact" else "index.faiss"
         table = manifest["sha256"]
-        if not isinstance(table, dict) or set(table) != {"ids.json", data_file} or not all(
+        listed = {"ids.json", data_file} | ({storage.WHITENING_FILE} if "whitening" in manifest else set())
+        if not isinstance(table, dict) or set(table) != listed or not all(
                 isinstance(v, str) and len(v) == 64 for v in table.values()):
-            problems.append(f"the sha256 table does not list the index files (ids.json, {data_file})")
+            problems.append(f"the sha256 table does not list the index files ({', '.join(sorted(listed))})")
         if problems:
             raise ValueError(f"{str(where)!r} is not a valid index manifest: {'; '.join(problems)}.")

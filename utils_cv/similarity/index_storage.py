@@ -38,11 +38,12 @@ try:
 except ImportError:  # Windows: no advisory locks; saves stay atomic, concurrent access is not guarded
     fcntl = None
 
-__all__ = ["FORMAT", "INDEX_FILES", "check_save_target", "decode_id", "encode_id", "locked",
+__all__ = ["FORMAT", "INDEX_FILES", "WHITENING_FILE", "read_whitening", "check_save_target", "decode_id", "encode_id", "locked",
            "new_folder", "read_ids", "read_json", "read_matrix", "swap_in"]
 
 FORMAT = "utils_cv.similarity.index/1"
-INDEX_FILES = ("manifest.json", "ids.json", "features.npy", "index.faiss")
+WHITENING_FILE = "whitening.npz"
+INDEX_FILES = ("manifest.json", "ids.json", "features.npy", "index.faiss", WHITENING_FILE)
 MAX_ID_DEPTH = 32  # tuples of tuples deeper than this are refused rather than recursed into
 MAX_JSON_BYTES = 1 << 30
 
@@ -218,3 +219,25 @@ def read_matrix(path: Path, rows: int, dim: int) -> np.ndarray:
     if not all(np.isfinite(x[s:s + 65536]).all() for s in range(0, rows, 65536)):  # in blocks: no n x d temporary
         raise ValueError(f"{str(path)!r} holds NaN or infinite features; rebuild the index from finite features.")
     return x
+
+
+def read_whitening(path: Path, announced, dim: int):
+    """The ``whitening.PCAWhitening`` saved with an index: a (d,) mean and a (d, dim) projection
+    of finite float32, their sizes those the manifest announces (no pickles are read)."""
+    from utils_cv.similarity.whitening import PCAWhitening
+
+    if not isinstance(announced, dict) or set(announced) != {"input_dim", "dim"} or announced["dim"] != dim or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in announced.values()):
+        raise ValueError(f"{str(path.with_name('manifest.json'))!r}: field 'whitening' must be "
+                         f"{{'input_dim': d, 'dim': {dim}}}. Got {announced!r}.")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("mean", "projection")}
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"{str(path)!r} is not a whitening saved by this library ({exc}).") from exc
+    d = announced["input_dim"]
+    if arrays["mean"].shape != (d,) or arrays["projection"].shape != (d, dim) or any(
+            a.dtype != np.float32 or not np.isfinite(a).all() for a in arrays.values()):
+        raise ValueError(f"{str(path)!r} holds mean {arrays['mean'].shape} and projection "
+                         f"{arrays['projection'].shape}; the manifest announces ({d},) and ({d}, {dim}) finite float32.")
+    return PCAWhitening.from_arrays(arrays)
