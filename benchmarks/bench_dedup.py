@@ -8,11 +8,12 @@ Scored unit: duplicate PAIRS of files. A pair is true when both files come from 
 photo (the source and its edited copies, see ``build_dedup_set.py``); precision, recall and F1
 are over all pairs of the benchmark's files. Rows:
 
-* ``utils_cv``: features of the backbone (``features.extract_features``) then
-  ``dedup.duplicate_groups``; the pairs are those inside the returned groups (what a user gets:
-  every member within the threshold of its group's representative). ``utils_cv raw`` scores
-  the pairs of ``distances.pairs_within`` before grouping, to show what grouping costs or gains.
-  Thresholds: ``DEFAULT_THRESHOLD`` and the best one of a sweep (by F1).
+* ``utils_cv ... + pHash``: features of the backbone (``features.extract_features``) and
+  ``dedup.perceptual_hash`` of every file, then ``dedup.duplicate_groups(..., hashes=...)``
+  (the library's default, what ``utils-cv-similarity duplicates`` does); the pairs are those
+  inside the returned groups (what a user gets). ``alone``: the features without the hashes;
+  ``raw pairs`` scores the pairs of ``distances.pairs_within`` before grouping, to show what
+  grouping costs or gains. Thresholds: ``DEFAULT_THRESHOLD`` and the best one of a sweep (by F1).
 * imagededup's PHash, DHash, WHash and AHash: ``encode_images`` then ``find_duplicates`` at its
   default ``max_distance_threshold`` (10) and at the best of 0..32 (by F1). The sweep uses
   Hamming distances computed here from the same encodings, checked against ``find_duplicates``
@@ -140,15 +141,32 @@ def our_features(bench: Path, files, digests, backbone: str, features_path: Path
     return x, len(files) / rate, label
 
 
-def ours(x, true_keys, copies, n: int, grid: np.ndarray):
-    """Sweep of group and raw pair scores over ``grid``: {threshold: (p, r, f1, seconds, keys)}."""
+def our_hashes(bench: Path, files, digests, cache: bool):
+    """``dedup.perceptual_hash`` of every file (cached by content like the features) and the
+    seconds they took."""
+    cached = bench / "cache_phash.json"
+    known = json.loads(cached.read_text()) if cache and cached.is_file() else {}
+    todo = [i for i, d in enumerate(digests) if d not in known]
+    seconds = known.pop("__seconds_per_image__", 0.0) * len(files)
+    if todo:
+        t = time.perf_counter()
+        for i in todo:
+            known[digests[i]] = dedup.perceptual_hash(bench / "images" / files[i])
+        seconds = (time.perf_counter() - t) / len(todo) * len(files)
+        cached.write_text(json.dumps({**known, "__seconds_per_image__": seconds / len(files)}))
+    return [known[d] for d in digests], seconds
+
+
+def ours(x, true_keys, copies, n: int, grid: np.ndarray, hashes=None):
+    """Sweep of group and raw pair scores over ``grid``: {threshold: (p, r, f1, seconds, keys)}
+    (with ``hashes``, the groups of ``dedup.duplicate_groups(..., hashes=...)``)."""
     i, j, d = pairs_within(x, float(grid.max()))
     raw, grouped = {}, {}
     for t in grid:
         keep = d <= t
         raw[t] = (*prf(pair_keys(i[keep], j[keep], n), true_keys), float("nan"), pair_keys(i[keep], j[keep], n))
         start = time.perf_counter()
-        groups = dedup.find_duplicates(x, np.arange(n), threshold=float(t))
+        groups = dedup.find_duplicates(x, np.arange(n), threshold=float(t), hashes=hashes)
         seconds = time.perf_counter() - start
         keys = group_keys(groups, n)
         grouped[t] = (*prf(keys, true_keys), seconds, keys)
@@ -201,7 +219,8 @@ def hashes(bench: Path, files, digests, true_keys, cache: bool):
 
 
 def synthetic_timing(n: int, threshold: float, seed: int = 0, dim: int = 1280, repeats: int = 3):
-    """Seconds of ``find_duplicates`` on ``n`` clustered unit vectors: 100 'classes' (unrelated
+    """Seconds of ``find_duplicates`` (features and perceptual hashes given) on ``n`` clustered
+    unit vectors: 100 'classes' (unrelated
     images about 0.9 apart, like real photos), 30 % of the items in near-duplicate groups of 2-5
     (0.1-0.4 from their original)."""
     rng = np.random.default_rng(seed)
@@ -221,10 +240,11 @@ def synthetic_timing(n: int, threshold: float, seed: int = 0, dim: int = 1280, r
                                                                      rng.uniform(0.1, 0.4, k - 1))]))
     x = np.ascontiguousarray(np.vstack(rows)[:n])
     ids = [f"img_{i:05d}.jpg" for i in range(n)]
+    hashes = rng.integers(0, 2**63, n, dtype=np.int64).tolist()  # given too, as a collection stores them
     times, cpu, groups = [], [], []
     for _ in range(repeats):
         t, c = time.perf_counter(), time.process_time()
-        groups = dedup.find_duplicates(x, ids, threshold=threshold)
+        groups = dedup.find_duplicates(x, ids, threshold=threshold, hashes=hashes)
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
     return float(np.median(times)), float(np.median(cpu)), len(groups), sum(len(g) for g in groups)
@@ -255,14 +275,17 @@ def main(argv=None) -> None:
     digests = _digests(args.bench, files)
     x, enc_s, label = our_features(args.bench, files, digests, args.backbone, args.features, not args.no_cache)
     grid = np.round(np.arange(0.05, 1.3001, 0.01), 2)
-    grouped, raw = ours(x, true_keys, copies, n, grid)
+    ph, ph_s = our_hashes(args.bench, files, digests, not args.no_cache)
+    emb_only, raw = ours(x, true_keys, copies, n, grid)
+    grouped, _ = ours(x, true_keys, copies, n, grid, hashes=ph)  # the library's default: embeddings + pHash
     default = dedup.DEFAULT_THRESHOLD
     t_default = min(grouped, key=lambda t: abs(t - default))
     if abs(t_default - default) > 1e-9:
-        groups = dedup.find_duplicates(x, np.arange(n), threshold=default)
+        groups = dedup.find_duplicates(x, np.arange(n), threshold=default, hashes=ph)
         grouped[default] = (*prf(group_keys(groups, n), true_keys), float("nan"), group_keys(groups, n))
         t_default = default
     best = max(grouped, key=lambda t: (grouped[t][2], -t))
+    best_e = max(emb_only, key=lambda t: (emb_only[t][2], -t))
     best_raw = max(raw, key=lambda t: (raw[t][2], -t))
     keep_p = [t for t in grouped if grouped[t][0] >= args.precision]
     calibrated = max(keep_p) if keep_p else float("nan")
@@ -282,11 +305,13 @@ def main(argv=None) -> None:
           f"of {n * (n - 1) // 2}. CPUs: {len(os.sched_getaffinity(0))}.\n")
     print("| method | threshold | precision | recall | F1 | encode s | search s |")
     print("|---|---|---|---|---|---|---|")
-    rows_out = [(f"utils_cv {label} (groups)", f"{t_default:.2f} (default)", grouped[t_default]),
-                (f"utils_cv {label} (groups)", f"{best:.2f} (best)", grouped[best]),
-                (f"utils_cv {label} raw pairs", f"{t_default:.2f} (default)", raw.get(t_default, grouped[t_default])),
-                (f"utils_cv {label} raw pairs", f"{best_raw:.2f} (best)", raw[best_raw])]
-    rows_out = [(*r, enc_s) for r in rows_out] + extra
+    rows_out = [(f"utils_cv {label} + pHash (groups)", f"{t_default:.2f} (default)", grouped[t_default], enc_s + ph_s),
+                (f"utils_cv {label} + pHash (groups)", f"{best:.2f} (best)", grouped[best], enc_s + ph_s),
+                (f"utils_cv {label} alone (groups)", f"{t_default:.2f}", emb_only[t_default], enc_s),
+                (f"utils_cv {label} alone (groups)", f"{best_e:.2f} (best)", emb_only[best_e], enc_s),
+                (f"utils_cv {label} alone, raw pairs", f"{t_default:.2f}", raw[t_default], enc_s),
+                (f"utils_cv {label} alone, raw pairs", f"{best_raw:.2f} (best)", raw[best_raw], enc_s)]
+    rows_out += extra
     for name, thr, (p, r, f1, s, _), e_s in rows_out:
         print(f"| {name} | {thr} | {p:.3f} | {r:.3f} | {f1:.3f} | {fmt(e_s, 1)} | {fmt(s, 2)} |")
     for name, h in hs.items():
@@ -307,8 +332,9 @@ def main(argv=None) -> None:
     print(f"\nCalibration: largest threshold with group precision >= {args.precision}: {fmt(calibrated, 2)} "
           f"(F1 {fmt(grouped[calibrated][2] if keep_p else float('nan'))}); best F1 at {best:.2f}.\n")
 
-    cols = [f"utils_cv @ {t_default:.2f}", f"utils_cv @ {best:.2f}"]
-    recalls = [edit_recall(grouped[t_default][4], copies, n), edit_recall(grouped[best][4], copies, n)]
+    cols = [f"utils_cv + pHash @ {t_default:.2f}", f"utils_cv + pHash @ {best:.2f}", f"embeddings alone @ {t_default:.2f}"]
+    recalls = [edit_recall(grouped[t_default][4], copies, n), edit_recall(grouped[best][4], copies, n),
+               edit_recall(emb_only[t_default][4], copies, n)]
     if hs:
         cols.append(f"{best_hash} @ {hs[best_hash]['best']}")
         recalls.append(edit_recall(bh[4], copies, n))
@@ -333,7 +359,7 @@ def main(argv=None) -> None:
         load = os.getloadavg()[0]
         print(f"| task | items | threshold | groups | seconds (median of 3) | CPU seconds, all threads |\n"
               f"|---|---|---|---|---|---|\n"
-              f"| find_duplicates, features given (synthetic clustered, dim 1280) | {args.timing_n} | "
+              f"| find_duplicates, features and hashes given (synthetic clustered, dim 1280) | {args.timing_n} | "
               f"{default:.2f} | {ngroups} ({nitems} items) | {seconds:.2f} | {cpu:.2f} |\n\n"
               f"Load average during the run: {load:.1f} on {len(os.sched_getaffinity(0))} CPUs.")
 

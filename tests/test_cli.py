@@ -119,6 +119,8 @@ def test_reindexing_embeds_only_what_changed_and_equals_a_fresh_build(tmp_path, 
     assert sorted(order_a) == sorted(e["path"] for e in b.entries)
     for i, e in enumerate(b.entries):
         np.testing.assert_allclose(a.features[order_a[e["path"]]], b.features[i], atol=1e-5)
+        assert a.entries[order_a[e["path"]]]["phash"] == e["phash"]  # perceptual hashes kept or made anew alike
+    assert all(len(e["phash"]) == 16 for e in b.entries)
 
 
 def test_train_then_evaluate_with_intervals(tmp_path, capsys):

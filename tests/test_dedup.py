@@ -180,3 +180,61 @@ def test_pairs_within_matches_brute_force(distance):
 def test_pairs_within_refuses_a_bad_radius():
     with pytest.raises(ValueError, match="'radius'.*Got -1"):
         pairs_within(np.eye(2, dtype=np.float32), -1)
+
+
+# ---------------------------------------------------------------------------- perceptual hashes
+def _bits(a: int, b: int) -> int:
+    return bin(a ^ b).count("1")
+
+
+def test_perceptual_hash_survives_resize_recompression_and_grayscale_not_other_images(tmp_path):
+    import skimage.data
+
+    cat = _photo(skimage.data.chelsea())
+    cat.save(tmp_path / "cat.jpg", quality=95)
+    cat.resize((cat.width // 3, cat.height // 3), Image.Resampling.LANCZOS).save(tmp_path / "small.jpg", quality=90)
+    cat.save(tmp_path / "q20.jpg", quality=20)
+    ImageOps.grayscale(cat).save(tmp_path / "gray.png")
+    h = {p.stem: dedup.perceptual_hash(p) for p in tmp_path.iterdir()}
+    assert h["cat"] == dedup.perceptual_hash(Image.open(tmp_path / "cat.jpg"))  # a PIL image: the same hash
+    for name in ("small", "q20", "gray"):
+        assert _bits(h["cat"], h[name]) <= dedup.HASH_THRESHOLD, name
+    others = [dedup.perceptual_hash(_photo(a)) for a in (skimage.data.coffee(), skimage.data.rocket(),
+                                                            skimage.data.astronaut())]
+    assert min(_bits(h["cat"], o) for o in others) > 3 * dedup.HASH_THRESHOLD
+
+
+def test_hash_pairs_matches_brute_force():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2**63, 300, dtype=np.uint64)
+    flips = rng.integers(0, 64, (300, 3))
+    near = base.copy()
+    for r in range(150):  # half the hashes get a near copy (1-3 bits flipped)
+        for b in flips[r, : 1 + r % 3]:
+            near[r] ^= np.uint64(1) << np.uint64(b)
+    h = np.concatenate([base, near[:150]])
+    i, j = dedup.hash_pairs(h, 3)
+    got = set(zip(i.tolist(), j.tolist()))
+    brute = {(a, b) for a in range(len(h)) for b in range(a + 1, len(h)) if _bits(int(h[a]), int(h[b])) <= 3}
+    assert got == brute and len(got) >= 150
+    with pytest.raises(ValueError, match="'max_distance'"):
+        dedup.hash_pairs(h, 65)
+
+
+def test_hashes_group_a_grayscale_copy_the_embeddings_alone_miss(tmp_path):
+    import skimage.data
+
+    coffee = _photo(skimage.data.coffee())
+    items = [coffee, ImageOps.grayscale(coffee).convert("RGB"), _photo(skimage.data.rocket())]
+    net, tf = model.create_backbone()
+    x = features.extract_features(net, items, tf, progress=False)
+    gap = float(np.linalg.norm(x[0] - x[1]))
+    hashes = [dedup.perceptual_hash(im) for im in items]
+    threshold = gap * 0.9  # an embedding threshold the grayscale copy does not pass
+    assert dedup.find_duplicates(x, ["c", "g", "r"], threshold) == []
+    groups = dedup.duplicate_groups(x, ["c", "g", "r"], threshold, hashes=hashes)
+    assert [sorted(g.ids) for g in groups] == [["c", "g"]]
+    assert groups[0].distances[1] == pytest.approx(gap, abs=1e-5)  # the embedding distance, beyond the threshold
+    assert dedup.find_duplicates(x, ["c", "g", "r"], threshold, hashes=[hashes[0], None, hashes[2]]) == []
+    with pytest.raises(ValueError, match="'hashes'"):
+        dedup.duplicate_groups(x, ["c", "g", "r"], threshold, hashes=hashes[:2])

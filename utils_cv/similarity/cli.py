@@ -150,7 +150,7 @@ def cmd_duplicates(args) -> int:
         collection.index_folder(target, col_dir, model=args.model, backbone=args.backbone, weights=args.weights,
                                 batch_size=args.batch_size, progress=_progress(args))
     col = collection.open_collection(col_dir)
-    groups = col.duplicate_groups(args.threshold)
+    groups = col.duplicate_groups(args.threshold, args.hash_threshold)
     for g in groups:
         g.ids = [col.abspath(i) for i in g.ids]
     remove = dedup.duplicates_to_remove(groups, keep=args.keep)
@@ -311,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     model_options(p, "a model file from 'train' (default: ImageNet features of --backbone)")
     p.add_argument("--threshold", type=float, help="L2 distance under which two images are duplicates "
                                                    "(default: the calibrated value, see the FAQ)")
+    from utils_cv.similarity.dedup import HASH_THRESHOLD  # numpy only
+
+    p.add_argument("--hash-threshold", type=int, choices=range(-1, 65), metavar="BITS",
+                   help=f"perceptual-hash bits (of 64) under which two images are duplicates too (default "
+                        f"{HASH_THRESHOLD}; -1: embeddings alone)")
     p.add_argument("--keep", default="largest", choices=["largest", "first", "oldest"],
                    help="which file of each group to keep in the suggestion (default largest)")
     p.add_argument("--index", help="where to keep the embeddings of FOLDER (default: the user cache)")

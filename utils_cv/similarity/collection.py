@@ -4,7 +4,8 @@
 folder holds:
 
 * ``collection.json``: the image folder, the model that made the embeddings, one entry per
-  image (path relative to the folder, size, modification time, sha256 of the content) and the
+  image (path relative to the folder, size, modification time, sha256 of the content, a
+  perceptual hash for the duplicate finder) and the
   files that were skipped with their reason;
 * ``features.npy``: the (n, d) float32 L2-normalised embeddings, rows aligned with the
   entries (a standard format other tools read; ``export_parquet`` writes path + embedding);
@@ -36,8 +37,8 @@ from utils_cv.similarity import data as data_mod
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Collection", "IndexReport", "export_parquet", "index_folder", "load_embedder", "open_collection",
-           "check_folders", "pick_backend", "write_collection"]
+__all__ = ["Collection", "IndexReport", "add_perceptual_hashes", "check_folders", "export_parquet", "index_folder",
+           "load_embedder", "open_collection", "pick_backend", "write_collection"]
 
 FORMAT = "utils_cv.similarity.collection/1"
 DEFAULT_BACKBONE = "efficientnet_lite0"
@@ -78,12 +79,16 @@ class Collection:
     def abspath(self, rel) -> Path:
         return self.root / str(rel)
 
-    def duplicate_groups(self, threshold: float | None = None) -> list:
+    def duplicate_groups(self, threshold: float | None = None, hash_threshold: int | None = None) -> list:
         """Near-duplicate groups of the collection (``dedup.duplicate_groups`` over its features,
-        ids the relative paths), each marked ``exact`` when its files have the same sha256."""
+        ids the relative paths, with each image's perceptual hash unless ``hash_threshold`` is
+        -1), each marked ``exact`` when its files have the same sha256."""
         from utils_cv.similarity import dedup
 
-        groups = dedup.duplicate_groups(self.features, [e["path"] for e in self.entries], threshold)
+        hashes = None if hash_threshold == -1 else [  # -1: the embeddings alone
+            int(e["phash"], 16) if isinstance(e.get("phash"), str) else None for e in self.entries]
+        groups = dedup.duplicate_groups(self.features, [e["path"] for e in self.entries], threshold, hashes=hashes,
+                                        hash_threshold=hash_threshold)
         sha = {e["path"]: e["sha256"] for e in self.entries}
         for g in groups:
             g.exact = len({sha[i] for i in g.ids}) == 1
@@ -224,6 +229,8 @@ def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str |
             entry["sha256"] = sha256sum(p)
             if old is not None and old[0]["sha256"] != entry["sha256"]:
                 old = None
+        if old is not None and "phash" in old[0]:
+            entry["phash"] = old[0]["phash"]
         entries.append(entry)
         vectors.append(old[1] if old is not None else None)
         if old is None:
@@ -241,6 +248,7 @@ def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str |
     if not keep:
         raise ValueError(f"No image under {str(root)!r} could be embedded ({len(skipped)} skipped; see the log).")
     entries = [entries[i] for i in keep]
+    add_perceptual_hashes(root, entries)
     feats = np.ascontiguousarray(np.stack([vectors[i] for i in keep]), dtype=np.float32)
     chosen = write_collection(out, root, spec, entries, feats, skipped, backend)
     report = IndexReport(out, len(entries), len(todo) - (len(vectors) - len(keep)), reused, removed, skipped, chosen,
@@ -248,6 +256,19 @@ def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str |
     logger.info("indexed %d images in %s (%d embedded, %d reused, %d removed, %d skipped) with %s in %.1f s",
                 report.total, out, report.embedded, reused, removed, len(skipped), chosen, report.seconds)
     return report
+
+
+def add_perceptual_hashes(root: Path, entries: list[dict]) -> None:
+    """Give each entry without one its perceptual hash (``phash``, 16 hex digits; see
+    ``dedup.perceptual_hash``), which ``duplicates`` uses beside the embeddings."""
+    from utils_cv.similarity.dedup import perceptual_hash
+
+    for e in entries:
+        if "phash" not in e:
+            try:
+                e["phash"] = f"{perceptual_hash(root / e['path']):016x}"
+            except (OSError, ValueError) as exc:  # embedded, so readable: only a file changed meanwhile
+                logger.warning("no perceptual hash for %s: %s", e["path"], exc)
 
 
 def write_collection(out: Path, root: Path, spec: dict, entries: list[dict], feats: np.ndarray,

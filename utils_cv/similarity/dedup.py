@@ -5,27 +5,31 @@ Two passes, cheapest and most certain first:
 1. **Exact duplicates**: files with the same bytes (same size, then the same sha256).
 2. **Near duplicates**: every pair of images whose embeddings lie within ``threshold`` of
    each other (a range search over all pairs, :func:`~utils_cv.similarity.distances.pairs_within`,
-   not only the k nearest), grouped.
+   not only the k nearest), and, when perceptual hashes are given (:func:`perceptual_hash`; a
+   collection from ``index`` stores one per image), every pair whose hashes differ in at most
+   ``hash_threshold`` bits; the pairs are then grouped.
 
-Grouping without chaining: connected components of the "within threshold" graph can chain
+Grouping without chaining: connected components of the "duplicate pair" graph can chain
 unrelated images through a long path (A~B, B~C, ... while A and Z differ). Each component is
 therefore split greedily: the member with the most neighbours inside the component (ties: the
 smallest sum of distances, then the lowest row) becomes the representative, its group is every
-member within ``threshold`` of it, and the rest is grouped again the same way. So every member of
-a group is within ``threshold`` of the group's representative, which comes first; the others
-follow by ascending distance to it.
+member paired with it, and the rest is grouped again the same way. So every member of a group
+is within ``threshold`` of the group's representative (or has a hash that close to its hash),
+which comes first; the others follow by ascending embedding distance to it.
 
-The default threshold :data:`DEFAULT_THRESHOLD` (0.49) is an L2 distance between L2-normalised
-features of the default backbone (EfficientNet-Lite0, ImageNet weights), calibrated on the
-near-duplicate benchmark (``benchmarks/bench_dedup.py``, BENCHMARKS.md: 1,954 files, 141 real
-photos and data-set images with 10 edited copies each, 403 distractors) as the largest threshold
-whose duplicate pairs keep a precision of at least 0.98: there, 98 % of the pairs it groups are
-true copies and it finds 75 % of all copy pairs (F1 0.84); exact copies lie at 0.000, flipped,
-recoloured, captioned and rotated copies mostly below 0.3-0.45, while grayscale copies (median
-0.58), strong downscales of small images and crops are what it misses. A larger threshold trades
-precision for recall: 0.62 gives the best F1 (0.89; precision 0.89, recall 0.90). Distinct images
-of the benchmark lie 0.30 or more apart (median 0.89). Features of another model need their own
-threshold (``benchmarks/bench_dedup.py --features`` finds it).
+The defaults :data:`DEFAULT_THRESHOLD` (0.50, an L2 distance between L2-normalised features of
+the default backbone, EfficientNet-Lite0 with ImageNet weights) and :data:`HASH_THRESHOLD` (6
+bits of 64) are calibrated on the near-duplicate benchmark (``benchmarks/bench_dedup.py``,
+BENCHMARKS.md: 1,954 files, 141 real photos and data-set images with 10 edited copies each, 403
+distractors): 0.50 is the largest threshold whose duplicate pairs keep a precision of at least
+0.98 with the hashes. There 98 % of the pairs it groups are true copies and it finds 91 % of all
+copy pairs (F1 0.947). The two signals complement each other: the hashes find grayscale copies,
+strong downscales and recompressions that the colour features miss (grayscale recall 0.33
+without them, 0.99 with), the features find flipped, cropped, rotated and bordered copies that
+change the hash. Crops stay the hardest (recall 0.70). A larger threshold trades precision for
+recall: 0.55 gives the best F1 (0.951; precision 0.951). Distinct images of the benchmark lie
+0.30 or more apart (median 0.89). Features of another model need their own threshold
+(``benchmarks/bench_dedup.py --features`` finds it).
 """
 from __future__ import annotations
 
@@ -42,10 +46,11 @@ from utils_cv.similarity.distances import pairs_within
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_THRESHOLD", "DuplicateGroup", "KEEP", "duplicate_groups", "duplicates_to_remove",
-           "exact_duplicates", "find_duplicates"]
+__all__ = ["DEFAULT_THRESHOLD", "HASH_THRESHOLD", "DuplicateGroup", "KEEP", "duplicate_groups",
+           "duplicates_to_remove", "exact_duplicates", "find_duplicates", "hash_pairs", "perceptual_hash"]
 
-DEFAULT_THRESHOLD = 0.49  # precision >= 0.98 on the benchmark; see the module doc
+DEFAULT_THRESHOLD = 0.50  # with the perceptual hashes: precision >= 0.98 on the benchmark; see the module doc
+HASH_THRESHOLD = 6  # differing bits of 64 under which two perceptual hashes mark a duplicate
 KEEP = ("largest", "first", "oldest")
 _BLOCK_ROWS = 1024
 
@@ -92,7 +97,62 @@ def _split_component(members: np.ndarray, neighbours: dict, dist: dict) -> list[
     return groups
 
 
-def duplicate_groups(features, ids: Sequence, threshold: float | None = None) -> list[DuplicateGroup]:
+# ---------------------------------------------------------------------------- perceptual hashes
+def perceptual_hash(item) -> int:
+    """The 64-bit DCT perceptual hash (pHash) of an image file or PIL image: grey levels at
+    32 x 32, the 8 x 8 lowest frequencies of their 2-D DCT, one bit per coefficient above their
+    median (the constant term left out of the median). Resized, recompressed, recoloured and
+    grayscale copies keep (almost) the same bits; crops and flips do not. Big JPEGs are decoded
+    at a reduced scale first (``data.load_image(min_size=64)``), so a hash costs milliseconds."""
+    from PIL import Image
+    from scipy.fft import dctn
+
+    from utils_cv.similarity.data import load_image, to_rgb
+
+    image = load_image(item, min_size=64) if isinstance(item, (str, os.PathLike)) else to_rgb(item)
+    grey = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    low = dctn(grey, norm="ortho")[:8, :8].ravel()
+    bits = low > np.median(low[1:])
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+def hash_pairs(hashes, max_distance: int = HASH_THRESHOLD) -> tuple[np.ndarray, np.ndarray]:
+    """``(i, j)`` with i < j for every pair of 64-bit hashes differing in at most
+    ``max_distance`` bits (blocked XOR and bit counts: 10,000 hashes in well under a second)."""
+    if isinstance(max_distance, bool) or not isinstance(max_distance, (int, np.integer)) or not 0 <= max_distance <= 64:
+        raise ValueError(f"The 'max_distance' parameter must be a number of bits in [0, 64]. Got {max_distance!r}.")
+    h = np.asarray([int(v) for v in hashes], dtype=np.uint64)
+    out_i, out_j = [np.empty(0, np.int64)], [np.empty(0, np.int64)]
+    for s in range(0, len(h), _BLOCK_ROWS):
+        a, b = np.nonzero(np.bitwise_count(h[s:s + _BLOCK_ROWS, None] ^ h[None, :]) <= max_distance)
+        keep = b > a + s
+        out_i.append(a[keep].astype(np.int64) + s)
+        out_j.append(b[keep].astype(np.int64))
+    return np.concatenate(out_i), np.concatenate(out_j)
+
+
+def _union_hash_pairs(x, i, j, d, hashes, hash_threshold):
+    """The embedding pairs plus the pairs whose hashes are close (``None`` hashes take no part);
+    every pair's distance is its embedding distance."""
+    if len(hashes) != len(x):
+        raise ValueError(f"'hashes' has {len(hashes)} items but 'features' has {len(x)} rows: they must be aligned.")
+    known = np.array([h is not None for h in hashes])
+    rows = np.flatnonzero(known)
+    hi, hj = hash_pairs([hashes[r] for r in rows], HASH_THRESHOLD if hash_threshold is None else hash_threshold)
+    n = len(x)
+    have = set((i * n + j).tolist())
+    new = [(a, b) for a, b in zip(rows[hi].tolist(), rows[hj].tolist()) if a * n + b not in have]
+    if not new:
+        return i, j, d
+    a, b = np.array(new, dtype=np.int64).T
+    extra = np.linalg.norm(x[a] - x[b], axis=1).astype(d.dtype)
+    logger.debug("%d pair(s) added by perceptual hashes", len(a))
+    return np.concatenate([i, a]), np.concatenate([j, b]), np.concatenate([d, extra])
+
+
+# ---------------------------------------------------------------------------- groups
+def duplicate_groups(features, ids: Sequence, threshold: float | None = None, hashes: Sequence | None = None,
+                     hash_threshold: int | None = None) -> list[DuplicateGroup]:
     """Groups of near-duplicate items (size >= 2), largest first; see the module doc.
 
     Args:
@@ -100,6 +160,10 @@ def duplicate_groups(features, ids: Sequence, threshold: float | None = None) ->
         ids: n ids (e.g. file paths), aligned with the rows.
         threshold: L2 distance under which two items are duplicates; None uses
             :data:`DEFAULT_THRESHOLD`.
+        hashes: n perceptual hashes (:func:`perceptual_hash`; None for an item without one),
+            aligned with the rows: two items whose hashes differ in at most ``hash_threshold``
+            bits (None: :data:`HASH_THRESHOLD`) are duplicates too, whatever their embedding
+            distance. Without hashes, grayscale copies and strong downscales are often missed.
     """
     x = as_matrix(features, "features")
     ids = list(ids)
@@ -111,6 +175,8 @@ def duplicate_groups(features, ids: Sequence, threshold: float | None = None) ->
     # row blocks of 1,024: each block is compared with the rows after its start only, so smaller
     # blocks skip more of the lower triangle (55 M instead of 78 M products for 10,000 rows)
     i, j, d = pairs_within(x, t, block_rows=_BLOCK_ROWS)
+    if hashes is not None:
+        i, j, d = _union_hash_pairs(x, i, j, d, list(hashes), hash_threshold)
     neighbours: dict[int, list[int]] = {}
     dist = {}
     for a, b, v in zip(i.tolist(), j.tolist(), d.tolist()):
@@ -143,10 +209,11 @@ def duplicate_groups(features, ids: Sequence, threshold: float | None = None) ->
     return groups
 
 
-def find_duplicates(features, ids: Sequence, threshold: float | None = None) -> list[list]:
+def find_duplicates(features, ids: Sequence, threshold: float | None = None, hashes: Sequence | None = None,
+                    hash_threshold: int | None = None) -> list[list]:
     """Groups of duplicate ids (each a list of size >= 2, the representative first, the others
-    by ascending distance to it), largest group first."""
-    return [g.ids for g in duplicate_groups(features, ids, threshold)]
+    by ascending distance to it), largest group first; arguments as :func:`duplicate_groups`."""
+    return [g.ids for g in duplicate_groups(features, ids, threshold, hashes, hash_threshold)]
 
 
 def exact_duplicates(paths: Sequence) -> list[list]:

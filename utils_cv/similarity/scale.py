@@ -358,6 +358,7 @@ def index_folder_ray(folder, out, model=None, backbone: str | None = None, weigh
         entries.append({"path": Path(p).relative_to(root).as_posix(), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                         "sha256": sha256sum(p)})
     skipped = [(p, reason) for p, reason in errors]
+    collection.add_perceptual_hashes(root, entries)
     chosen = collection.write_collection(out, root, spec, entries, feats, skipped, backend)
     result = collection.IndexReport(out, len(entries), report.embedded - len(report.errors),
                                     report.rows - report.embedded, 0, skipped, chosen, time.perf_counter() - start)
