@@ -238,3 +238,12 @@ def test_hashes_group_a_grayscale_copy_the_embeddings_alone_miss(tmp_path):
     assert dedup.find_duplicates(x, ["c", "g", "r"], threshold, hashes=[hashes[0], None, hashes[2]]) == []
     with pytest.raises(ValueError, match="'hashes'"):
         dedup.duplicate_groups(x, ["c", "g", "r"], threshold, hashes=hashes[:2])
+
+
+def test_extraction_hashes_equal_perceptual_hash_of_the_files(folder):
+    root, paths = folder[0], folder[1]
+    net, tf = model.create_backbone()
+    got = features.FeatureExtractor(net, tf).extract(paths[:6] + [root / "missing.jpg"], on_error="skip",
+                                                     progress=False, hashes=True)
+    assert len(got.hashes) == len(got.kept) == 6
+    assert got.hashes == [dedup.perceptual_hash(paths[int(k)]) for k in got.kept]

@@ -240,9 +240,11 @@ def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str |
     if todo:
         module, transform = load_embedder(spec)
         extractor = FeatureExtractor(module, transform, batch_size=batch_size, fast_decode=fast_decode)
-        result = extractor.extract([root / entries[i]["path"] for i in todo], on_error="skip", progress=progress)
-        for j, row in zip(result.kept, result.features):
+        result = extractor.extract([root / entries[i]["path"] for i in todo], on_error="skip", progress=progress,
+                                   hashes=True)
+        for j, row, h in zip(result.kept, result.features, result.hashes):
             vectors[todo[int(j)]] = row
+            entries[todo[int(j)]]["phash"] = f"{h:016x}"
         skipped += [(str(item), reason) for item, reason in result.skipped]
     keep = [i for i, v in enumerate(vectors) if v is not None]
     if not keep:
@@ -260,7 +262,9 @@ def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str |
 
 def add_perceptual_hashes(root: Path, entries: list[dict]) -> None:
     """Give each entry without one its perceptual hash (``phash``, 16 hex digits; see
-    ``dedup.perceptual_hash``), which ``duplicates`` uses beside the embeddings."""
+    ``dedup.perceptual_hash``), which ``duplicates`` uses beside the embeddings. ``index_folder``
+    gets them from its feature extraction; this decodes again, for entries of older runs and
+    for the Ray path."""
     from utils_cv.similarity.dedup import perceptual_hash
 
     for e in entries:

@@ -102,14 +102,16 @@ def perceptual_hash(item) -> int:
     """The 64-bit DCT perceptual hash (pHash) of an image file or PIL image: grey levels at
     32 x 32, the 8 x 8 lowest frequencies of their 2-D DCT, one bit per coefficient above their
     median (the constant term left out of the median). Resized, recompressed, recoloured and
-    grayscale copies keep (almost) the same bits; crops and flips do not. Big JPEGs are decoded
-    at a reduced scale first (``data.load_image(min_size=64)``), so a hash costs milliseconds."""
+    grayscale copies keep (almost) the same bits; crops and flips do not. Files are decoded as
+    the feature extractor of the default backbone decodes them (``data.load_image(min_size=256)``:
+    big JPEGs at a reduced scale); ``FeatureExtractor.extract(hashes=True)`` hashes that same
+    decoded image, so indexing pays for one decode."""
     from PIL import Image
     from scipy.fft import dctn
 
     from utils_cv.similarity.data import load_image, to_rgb
 
-    image = load_image(item, min_size=64) if isinstance(item, (str, os.PathLike)) else to_rgb(item)
+    image = load_image(item, min_size=256) if isinstance(item, (str, os.PathLike)) else to_rgb(item)
     grey = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
     low = dctn(grey, norm="ortho")[:8, :8].ravel()
     bits = low > np.median(low[1:])

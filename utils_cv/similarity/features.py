@@ -114,10 +114,11 @@ def _min_side(transform) -> int | None:
 
 
 class _ImageDataset(Dataset):
-    def __init__(self, items: Sequence, transform: Callable, min_size: int | None = None):
+    def __init__(self, items: Sequence, transform: Callable, min_size: int | None = None, hash_fn=None):
         self.items = items
         self.transform = transform
         self.min_size = min_size
+        self.hash_fn = hash_fn  # e.g. dedup.perceptual_hash, computed from the same decode
 
     def __len__(self) -> int:
         return len(self.items)
@@ -125,7 +126,8 @@ class _ImageDataset(Dataset):
     def __getitem__(self, i: int):
         item = self.items[i]
         try:
-            return i, self.transform(to_rgb_image(item, self.min_size)), None
+            image = to_rgb_image(item, self.min_size)
+            return i, (self.transform(image), self.hash_fn(image) if self.hash_fn else None), None
         except Exception as exc:  # noqa: BLE001 - reported with the item's name
             name = item if isinstance(item, (str, os.PathLike)) else f"item {i}"
             return i, None, f"Could not decode image {str(name)!r}: {type(exc).__name__}: {exc}"
@@ -135,8 +137,9 @@ def _collate(batch):
     kept = [(i, x) for i, x, _ in batch if x is not None]
     failed = [(i, why) for i, x, why in batch if x is None]
     if not kept:
-        return torch.empty(0, dtype=torch.int64), None, failed
-    return torch.tensor([i for i, _ in kept]), torch.stack([x for _, x in kept]), failed
+        return torch.empty(0, dtype=torch.int64), None, failed, []
+    return (torch.tensor([i for i, _ in kept]), torch.stack([x for _, (x, _) in kept]), failed,
+            [h for _, (_, h) in kept])
 
 
 def _embedding_module(model) -> nn.Module:
@@ -223,6 +226,7 @@ class Extraction:
     features: np.ndarray
     kept: np.ndarray
     skipped: list[tuple[object, str]] = field(default_factory=list)
+    hashes: list[int] | None = None  # with extract(hashes=True): aligned with ``kept``
 
 
 class FeatureExtractor:
@@ -281,13 +285,16 @@ class FeatureExtractor:
         self.channels_last = self.device.type == "cpu"
         self._model = _prepared(module, self.device, bool(fold_bn), self.channels_last)
 
-    def extract(self, items: Sequence, on_error: str = "raise", progress: bool = True) -> Extraction:
+    def extract(self, items: Sequence, on_error: str = "raise", progress: bool = True,
+                hashes: bool = False) -> Extraction:
         """Embed ``items`` (image files, PIL images or arrays; see :func:`to_rgb_image`).
 
         Args:
             on_error: ``"raise"`` stops at the first image that cannot be decoded;
                 ``"skip"`` logs it, leaves it out and lists it in ``skipped``.
             progress: show a progress bar.
+            hashes: also give each kept image's ``dedup.perceptual_hash``, computed from the
+                image decoded for the model (no second decode).
 
         Returns:
             an :class:`Extraction`; with ``on_error="skip"`` and no decodable image, its
@@ -305,14 +312,18 @@ class FeatureExtractor:
             raise ValueError("The 'items' parameter is empty: give at least one image.")
         in_memory = not all(isinstance(p, (str, os.PathLike)) for p in items)
         workers = self.num_workers if self.num_workers is not None else _default_workers(len(items), self.batch_size)
-        loader = DataLoader(_ImageDataset(items, self.transform, self.min_size), batch_size=self.batch_size, shuffle=False,
+        hash_fn = None
+        if hashes:
+            from utils_cv.similarity.dedup import perceptual_hash as hash_fn
+        loader = DataLoader(_ImageDataset(items, self.transform, self.min_size, hash_fn), batch_size=self.batch_size,
+                            shuffle=False,
                             num_workers=0 if in_memory else workers, pin_memory=self.device.type == "cuda",
                             collate_fn=_collate)
-        out, kept, skipped = [], [], []
+        out, kept, skipped, found = [], [], [], []
         from tqdm.auto import tqdm
 
         with torch.inference_mode(), tqdm(total=len(items), desc="features", unit="img", disable=not progress) as bar:
-            for index, batch, failed in loader:
+            for index, batch, failed, batch_hashes in loader:
                 for i, why in failed:
                     if on_error == "raise":
                         raise ImageDecodeError(
@@ -323,11 +334,14 @@ class FeatureExtractor:
                 if batch is not None:
                     out.append(self._forward(batch))
                     kept.append(index.numpy())
+                    found += batch_hashes
                 bar.update(len(index) + len(failed))
         if not out:  # only with on_error="skip": every item is in `skipped`
             logger.warning("none of the %d images could be decoded", len(items))
-            return Extraction(np.empty((0, self._width()), np.float32), np.empty(0, np.int64), skipped)
-        return Extraction(l2_normalize(np.concatenate(out, axis=0)), np.concatenate(kept).astype(np.int64), skipped)
+            return Extraction(np.empty((0, self._width()), np.float32), np.empty(0, np.int64), skipped,
+                              [] if hashes else None)
+        return Extraction(l2_normalize(np.concatenate(out, axis=0)), np.concatenate(kept).astype(np.int64), skipped,
+                          found if hashes else None)
 
     def embed_batch(self, batch) -> np.ndarray:
         """Embed a batch already preprocessed by the transform ((B, 3, H, W) tensor or array):
