@@ -112,6 +112,8 @@ def perceptual_hash(item) -> int:
     from utils_cv.similarity.data import load_image, to_rgb
 
     image = load_image(item, min_size=256) if isinstance(item, (str, os.PathLike)) else to_rgb(item)
+    if min(image.size) >= 512:  # a full-size decode: box-reduce first, as load_image(min_size=256) would
+        image = image.reduce(min(image.size) // 256)
     grey = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
     low = dctn(grey, norm="ortho")[:8, :8].ravel()
     bits = low > np.median(low[1:])
