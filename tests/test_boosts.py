@@ -135,3 +135,17 @@ def test_query_expansion_changes_a_ranking_as_defined():
     assert knn(q, g, 1)[1][0, 0] == 2  # c
     after = knn(expanded, g[:2], 1)[1][0, 0]
     assert (before, after) == (1, 0)
+
+
+def test_sharded_index_refuses_indexes_in_different_whitened_spaces():
+    from utils_cv.similarity.scale_index import ShardedIndex
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(60, 8)).astype(np.float32)
+    w = PCAWhitening.fit(x, dim=8)
+    plain = SimilarityIndex.build(x[:30], [f"a{i}" for i in range(30)])
+    white = SimilarityIndex.build(x[30:], [f"b{i}" for i in range(30)], whitening=w)
+    with pytest.raises(ValueError, match="whitening"):
+        ShardedIndex([plain, white])
+    both = ShardedIndex([white, SimilarityIndex.build(x[:30], [f"a{i}" for i in range(30)], whitening=w)])
+    assert both.dim == 8 and both.search(x[:2], 1)[1][:, 0].tolist() == ["a0", "a1"]

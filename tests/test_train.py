@@ -271,3 +271,31 @@ def test_frozen_batch_norm_statistics_never_move(folder):
     moving.add_cb(stats)
     train.fine_tune(moving, 1, freeze_epochs=0, progress=False)
     assert not torch.equal(*stats.means[0])
+
+
+class _Boom(Callback):
+    """Raises after the first epoch of the second fit, as an interrupted run would."""
+
+    order = 80
+
+    def __init__(self):
+        super().__init__()
+        self.fits = 0
+
+    def before_fit(self):
+        self.fits += 1
+
+    def after_epoch(self):
+        if self.fits == 2:
+            raise RuntimeError("interrupted")
+
+
+def test_an_interrupted_run_leaves_the_weights_it_stopped_with(folder):
+    learn = _learner(folder)
+    learn.add_cb(_Boom())
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train.fine_tune(learn, 2, freeze_epochs=1, progress=False)
+    stopped = copy.deepcopy(learn.model.state_dict())
+    with learn.no_bar():
+        learn.validate()  # fires after_fit: must not restore the best epoch of the interrupted run
+    assert all(torch.equal(stopped[k], v) for k, v in learn.model.state_dict().items())

@@ -46,7 +46,7 @@ def flip_model(model: nn.Module) -> nn.Module:
     mirror (twice the compute). ``model`` is shared, not copied or changed."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"The 'model' parameter must be a torch module. Got {type(model).__name__}.")
-    return _FlipMean(model).eval()
+    return _FlipMean(model)
 
 
 class GeM(nn.Module):

@@ -125,13 +125,20 @@ class RetrievalValidation(Callback):
     @contextlib.contextmanager
     def one_run(self):
         """Fits inside do not restore; the best weights over all of them are restored at the
-        end (not when a fit raises: the model then holds the weights it had when it stopped)."""
+        end (not when a fit raises: the model then holds the weights it had when it stopped,
+        and a later fit or validate does not restore them either). Nested runs restore once,
+        at the end of the outermost."""
+        outer = self.deferred
         self.deferred = True
         try:
             yield self
+        except BaseException:
+            self.trained_since_restore = False
+            raise
         finally:
-            self.deferred = False
-        self.restore_best()
+            self.deferred = outer
+        if not outer:
+            self.restore_best()
 
 
 class FrozenBatchNormStats(Callback):

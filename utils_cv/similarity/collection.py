@@ -244,7 +244,8 @@ def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str |
                                    hashes=True)
         for j, row, h in zip(result.kept, result.features, result.hashes):
             vectors[todo[int(j)]] = row
-            entries[todo[int(j)]]["phash"] = f"{h:016x}"
+            if h is not None:
+                entries[todo[int(j)]]["phash"] = f"{h:016x}"
         skipped += [(str(item), reason) for item, reason in result.skipped]
     keep = [i for i, v in enumerate(vectors) if v is not None]
     if not keep:
@@ -260,18 +261,31 @@ def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str |
     return report
 
 
-def add_perceptual_hashes(root: Path, entries: list[dict]) -> None:
+def add_perceptual_hashes(root: Path, entries: list[dict], previous: Path | None = None) -> None:
     """Give each entry without one its perceptual hash (``phash``, 16 hex digits; see
     ``dedup.perceptual_hash``), which ``duplicates`` uses beside the embeddings. ``index_folder``
     gets them from its feature extraction; this decodes again, for entries of older runs and
-    for the Ray path."""
+    for the Ray path, except for files unchanged (path, size, time, sha256) since the collection
+    in ``previous``, whose hash is reused."""
     from utils_cv.similarity.dedup import perceptual_hash
 
+    known = {}
+    if previous is not None and (Path(previous) / "collection.json").is_file():
+        try:
+            doc = _read_json(Path(previous) / "collection.json")
+            if Path(doc["root"]) == root:
+                known = {(e["path"], e["size"], e["mtime_ns"], e["sha256"]): e["phash"] for e in doc["entries"]
+                         if isinstance(e.get("phash"), str)}
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.warning("hashes of the previous collection in %s are not reused: %s", previous, exc)
     for e in entries:
+        old = known.get((e["path"], e["size"], e["mtime_ns"], e["sha256"]))
+        if "phash" not in e and old is not None:
+            e["phash"] = old
         if "phash" not in e:
             try:
                 e["phash"] = f"{perceptual_hash(root / e['path']):016x}"
-            except (OSError, ValueError) as exc:  # embedded, so readable: only a file changed meanwhile
+            except Exception as exc:  # noqa: BLE001 - embedded, so readable: a file changed meanwhile
                 logger.warning("no perceptual hash for %s: %s", e["path"], exc)
 
 

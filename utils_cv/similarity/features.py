@@ -294,7 +294,7 @@ class FeatureExtractor:
                 ``"skip"`` logs it, leaves it out and lists it in ``skipped``.
             progress: show a progress bar.
             hashes: also give each kept image's ``dedup.perceptual_hash``, computed from the
-                image decoded for the model (no second decode).
+                image decoded for the model (no second decode; None where hashing fails).
 
         Returns:
             an :class:`Extraction`; with ``on_error="skip"`` and no decodable image, its
@@ -314,7 +314,7 @@ class FeatureExtractor:
         workers = self.num_workers if self.num_workers is not None else _default_workers(len(items), self.batch_size)
         hash_fn = None
         if hashes:
-            from utils_cv.similarity.dedup import perceptual_hash as hash_fn
+            from utils_cv.similarity.dedup import try_perceptual_hash as hash_fn
         loader = DataLoader(_ImageDataset(items, self.transform, self.min_size, hash_fn), batch_size=self.batch_size,
                             shuffle=False,
                             num_workers=0 if in_memory else workers, pin_memory=self.device.type == "cuda",

@@ -152,7 +152,8 @@ class _Embedder:
         emb = np.zeros((len(paths), self.dim), np.float32)
         if items:
             got = self.extractor.extract(items, on_error="skip", progress=False)
-            emb[np.asarray(where)[got.kept]] = got.features
+            if len(got.kept):  # a batch where everything failed has no rows to place
+                emb[np.asarray(where)[got.kept]] = got.features
             failed = sorted(set(range(len(items))) - set(got.kept.tolist()))  # skipped lists them in this order
             for j, (_, why) in zip(failed, got.skipped):
                 errors[where[j]] = why.replace(repr(f"item {j}"), repr(paths[where[j]]))  # URIs: name the file
@@ -238,7 +239,7 @@ def embed(source, output, model=None, backbone: str = "efficientnet_lite0", tran
     spec, payload = _model_spec(model, backbone, weights, transform)
     name = _model_name(spec)
     listing = list_source(source)
-    plan = _plan(listing, spec, int(shard_size))
+    plan = _plan(listing, {**spec, "decode": decode}, int(shard_size))  # the two modes decode big photos differently
     if not is_uri(output):
         Path(output).mkdir(parents=True, exist_ok=True)
     if not is_uri(output):  # temporary files of a run that was killed mid-write
@@ -358,7 +359,7 @@ def index_folder_ray(folder, out, model=None, backbone: str | None = None, weigh
         entries.append({"path": Path(p).relative_to(root).as_posix(), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
                         "sha256": sha256sum(p)})
     skipped = [(p, reason) for p, reason in errors]
-    collection.add_perceptual_hashes(root, entries)
+    collection.add_perceptual_hashes(root, entries, previous=out)  # unchanged files keep theirs
     chosen = collection.write_collection(out, root, spec, entries, feats, skipped, backend)
     result = collection.IndexReport(out, len(entries), report.embedded - len(report.errors),
                                     report.rows - report.embedded, 0, skipped, chosen, time.perf_counter() - start)

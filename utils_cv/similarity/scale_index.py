@@ -129,11 +129,18 @@ class ShardedIndex:
         opened = [i if isinstance(i, SimilarityIndex) else SimilarityIndex.load(i) for i in indexes]
         if not opened:
             raise ValueError("The 'indexes' parameter is empty: give at least one index.")
-        kinds = {(i.dim, i.distance) for i in opened}
+        kinds = {(i.input_dim, i.dim, i.distance) for i in opened}
         if len(kinds) > 1:
-            raise ValueError(f"The indexes differ in (dimension, distance): {sorted(kinds)}; they cannot be merged.")
+            raise ValueError(f"The indexes differ in (input dimension, dimension, distance): {sorted(kinds)}; they "
+                             "cannot be merged.")
+        first = opened[0].whitening
+        if any((i.whitening is None) != (first is None) or (first is not None and not (
+                np.array_equal(i.whitening.mean, first.mean) and np.array_equal(i.whitening.projection,
+                                                                                first.projection)))
+               for i in opened):
+            raise ValueError("The indexes apply different whitenings: their distances are not comparable.")
         self.indexes = opened
-        self.dim, self.distance = opened[0].dim, opened[0].distance
+        self.dim, self.distance = opened[0].input_dim, opened[0].distance
 
     def __len__(self) -> int:
         return sum(len(i) for i in self.indexes)
