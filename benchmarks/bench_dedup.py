@@ -144,7 +144,7 @@ def our_features(bench: Path, files, digests, backbone: str, features_path: Path
 def our_hashes(bench: Path, files, digests, cache: bool):
     """``dedup.perceptual_hash`` of every file (cached by content like the features) and the
     seconds they took."""
-    cached = bench / "cache_phash.json"
+    cached = bench / f"cache_phash_v{dedup.PHASH_VERSION}.json"  # by content and hash definition
     known = json.loads(cached.read_text()) if cache and cached.is_file() else {}
     todo = [i for i, d in enumerate(digests) if d not in known]
     seconds = known.pop("__seconds_per_image__", 0.0) * len(files)

@@ -3,6 +3,7 @@ bad files, incremental re-runs), query, train, evaluate, demo, exit codes."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import _draw, draw_image_folder
-from utils_cv.similarity import cli, collection
+from utils_cv.similarity import cli, collection, dedup
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -121,6 +122,29 @@ def test_reindexing_embeds_only_what_changed_and_equals_a_fresh_build(tmp_path, 
         np.testing.assert_allclose(a.features[order_a[e["path"]]], b.features[i], atol=1e-5)
         assert a.entries[order_a[e["path"]]]["phash"] == e["phash"]  # perceptual hashes kept or made anew alike
     assert all(len(e["phash"]) == 16 for e in b.entries)
+
+
+def test_hashes_of_an_older_definition_are_ignored_then_recomputed(tmp_path, capsys, caplog):
+    folder = draw_image_folder(tmp_path / "images", per_class=2)
+    out = tmp_path / "idx"
+    assert run(capsys, "index", folder, "--out", out, "--json")[0] == 0
+    manifest = out / "collection.json"
+    doc = json.loads(manifest.read_text())
+    right = {e["path"]: e["phash"] for e in doc["entries"]}
+    del doc["phash_version"]  # as written before the hash definition changed
+    for e in doc["entries"]:
+        e["phash"] = "0123456789abcdef"
+    manifest.write_text(json.dumps(doc))
+    old = collection.open_collection(out)
+    assert all("phash" not in e for e in old.entries)
+    with caplog.at_level(logging.WARNING, logger="utils_cv.similarity.collection"):
+        old.duplicate_groups()
+    assert "6 of the 6 images" in caplog.text and "no perceptual hash" in caplog.text
+    code, stdout, _ = run(capsys, "index", folder, "--out", out, "--json")
+    assert code == 0 and json.loads(stdout)["embedded"] == 0  # the embeddings are kept, the hashes made anew
+    again = collection.open_collection(out)
+    assert {e["path"]: e["phash"] for e in again.entries} == right
+    assert json.loads(manifest.read_text())["phash_version"] == dedup.PHASH_VERSION
 
 
 def test_train_then_evaluate_with_intervals(tmp_path, capsys):

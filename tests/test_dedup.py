@@ -204,6 +204,36 @@ def test_perceptual_hash_survives_resize_recompression_and_grayscale_not_other_i
     assert min(_bits(h["cat"], o) for o in others) > 3 * dedup.HASH_THRESHOLD
 
 
+def test_framed_and_letterboxed_copies_trim_to_their_source_and_keep_its_hash():
+    import skimage.data
+
+    cat = _photo(skimage.data.chelsea())
+    w, h = cat.size
+    drawing = ImageOps.expand(cat, border=24, fill=(255, 255, 255))  # a picture on a white margin
+    copies = {
+        "frame": ImageOps.expand(cat, border=17, fill=(40, 200, 90)),
+        "letterbox": ImageOps.expand(cat, border=(0, h // 8, 0, h // 8), fill=(0, 0, 0)),
+        "letterbox around the margin": ImageOps.expand(drawing, border=(30, 0, 30, 0), fill=(0, 0, 0)),
+    }
+    for name, im in copies.items():
+        im = Image.open(_jpeg(im))  # the bars' edges blur as in any JPEG
+        assert abs(dedup.trim_borders(im).width - w) <= 2 and abs(dedup.trim_borders(im).height - h) <= 2, name
+        assert _bits(dedup.perceptual_hash(im), dedup.perceptual_hash(cat)) <= dedup.HASH_THRESHOLD, name
+    assert dedup.trim_borders(cat) is cat  # nothing uniform: the image itself
+    blank = Image.new("RGB", (64, 48), (255, 255, 255))
+    assert dedup.trim_borders(blank) is blank  # nothing would be left: untouched
+    assert dedup.perceptual_hash(blank) == dedup.perceptual_hash(blank.resize((32, 24)))
+
+
+def _jpeg(im: Image.Image):
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=90)
+    buf.seek(0)
+    return buf
+
+
 def test_hash_pairs_matches_brute_force():
     rng = np.random.default_rng(0)
     base = rng.integers(0, 2**63, 300, dtype=np.uint64)

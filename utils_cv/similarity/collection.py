@@ -5,8 +5,9 @@ folder holds:
 
 * ``collection.json``: the image folder, the model that made the embeddings, one entry per
   image (path relative to the folder, size, modification time, sha256 of the content, a
-  perceptual hash for the duplicate finder) and the
-  files that were skipped with their reason;
+  perceptual hash for the duplicate finder, of the definition ``phash_version`` names: hashes
+  of an older definition are ignored and recomputed by the next run) and the files that were
+  skipped with their reason;
 * ``features.npy``: the (n, d) float32 L2-normalised embeddings, rows aligned with the
   entries (a standard format other tools read; ``export_parquet`` writes path + embedding);
 * ``index/``: a :class:`~utils_cv.similarity.index.SimilarityIndex` over the same rows, ids
@@ -87,6 +88,11 @@ class Collection:
 
         hashes = None if hash_threshold == -1 else [  # -1: the embeddings alone
             int(e["phash"], 16) if isinstance(e.get("phash"), str) else None for e in self.entries]
+        missing = 0 if hashes is None else sum(h is None for h in hashes)
+        if missing:
+            logger.warning("%d of the %d images of %s have no perceptual hash (unreadable when indexed, or hashed by "
+                           "an older version): they are compared by their features alone; run the same 'index' "
+                           "command again to hash them", missing, len(hashes), self.path)
         groups = dedup.duplicate_groups(self.features, [e["path"] for e in self.entries], threshold, hashes=hashes,
                                         hash_threshold=hash_threshold)
         sha = {e["path"]: e["sha256"] for e in self.entries}
@@ -168,8 +174,23 @@ def open_collection(path: str | os.PathLike) -> Collection:
     if index.metadata.get("generation") != doc.get("generation"):
         raise ValueError(f"{str(path)!r}: the index and collection.json come from different runs (interrupted "
                          "run?); run the same 'index' command again to repair it.")
+    _drop_stale_hashes(doc, path)
     return Collection(path, Path(doc["root"]), doc["model"], entries, feats, index,
                       [tuple(s) for s in doc.get("skipped", [])], doc.get("created", ""))
+
+
+def _drop_stale_hashes(doc: dict, path) -> None:
+    """Remove from ``doc``'s entries the perceptual hashes of another definition than
+    ``dedup.PHASH_VERSION`` (written before it changed): mixed with new ones they would miss
+    duplicates. ``index`` recomputes them; until then ``duplicates`` uses the embeddings alone."""
+    from utils_cv.similarity.dedup import PHASH_VERSION
+
+    if doc.get("phash_version", 1) == PHASH_VERSION:
+        return
+    stale = [e for e in doc.get("entries", []) if isinstance(e, dict) and e.pop("phash", None) is not None]
+    if stale:
+        logger.info("%s: its %d perceptual hashes are of an older definition: not used, and recomputed by the "
+                    "next 'index' run", path, len(stale))
 
 
 def check_folders(folder, out, backend: str = "auto") -> tuple[Path, Path]:
@@ -273,6 +294,7 @@ def add_perceptual_hashes(root: Path, entries: list[dict], previous: Path | None
     if previous is not None and (Path(previous) / "collection.json").is_file():
         try:
             doc = _read_json(Path(previous) / "collection.json")
+            _drop_stale_hashes(doc, previous)
             if Path(doc["root"]) == root:
                 known = {(e["path"], e["size"], e["mtime_ns"], e["sha256"]): e["phash"] for e in doc["entries"]
                          if isinstance(e.get("phash"), str)}
@@ -294,6 +316,7 @@ def write_collection(out: Path, root: Path, spec: dict, entries: list[dict], fea
     """Write a collection folder (see the module doc) from its parts; returns the backend used.
     The embeddings and the index are written first, ``collection.json`` last, and all three
     carry one generation token, so :func:`open_collection` refuses a mix of two runs."""
+    from utils_cv.similarity.dedup import PHASH_VERSION
     from utils_cv.similarity.index import SimilarityIndex
 
     chosen = pick_backend(len(feats)) if backend == "auto" else backend
@@ -306,7 +329,7 @@ def write_collection(out: Path, root: Path, spec: dict, entries: list[dict], fea
     index.save(out / "index")
     doc = {"format": FORMAT, "generation": generation, "root": str(root), "model": spec,
            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "backend": chosen, "dim": int(feats.shape[1]),
-           "entries": entries, "skipped": [list(x) for x in skipped]}
+           "phash_version": PHASH_VERSION, "entries": entries, "skipped": [list(x) for x in skipped]}
     with atomic_write(out / "collection.json", "w") as f:
         json.dump(doc, f, indent=0)
     return chosen
