@@ -147,6 +147,24 @@ def test_hashes_of_an_older_definition_are_ignored_then_recomputed(tmp_path, cap
     assert json.loads(manifest.read_text())["phash_version"] == dedup.PHASH_VERSION
 
 
+def test_index_with_an_exported_runtime_equals_torch(tmp_path, capsys, cache_dir):
+    pytest.importorskip("onnxruntime")
+    folder = draw_image_folder(tmp_path / "images", per_class=2)
+    assert run(capsys, "index", folder, "--out", tmp_path / "eager", "--json")[0] == 0
+    code, stdout, _ = run(capsys, "index", folder, "--out", tmp_path / "onnx", "--runtime", "onnx", "--json")
+    assert code == 0 and json.loads(stdout)["embedded"] == 6
+    a, b = collection.open_collection(tmp_path / "eager"), collection.open_collection(tmp_path / "onnx")
+    assert [e["path"] for e in a.entries] == [e["path"] for e in b.entries] and a.model == b.model
+    assert (a.features * b.features).sum(1).min() >= 0.9999
+    code, _, err = run(capsys, "index", folder, "--out", tmp_path / "bad", "--runtime", "openvino", "--precision",
+                       "int8")
+    assert code == 1 and "'precision'" in err and "['fp32', 'bf16']" in err
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit) as exc:
+        run(capsys, "index", folder, "--out", tmp_path / "ray", "--engine", "ray", "--runtime", "onnx")
+    assert exc.value.code == 2 and "--engine local" in capsys.readouterr().err
+
+
 def test_train_then_evaluate_with_intervals(tmp_path, capsys):
     folder = draw_image_folder(tmp_path / "images", per_class=6)
     model = tmp_path / "model.pth"

@@ -27,25 +27,10 @@ import sys
 from pathlib import Path
 
 from utils_cv.similarity._checks import positive_int_text
+from utils_cv.similarity.cli_examples import EXAMPLES
 
 logger = logging.getLogger("utils_cv.similarity.cli")
 
-EXAMPLES = {
-    "index": "examples:\n  utils-cv-similarity index ~/Pictures --out ~/pictures.idx\n"
-             "  utils-cv-similarity index photos/ --out photos.idx --model model.pth --backend hnsw",
-    "query": "examples:\n  utils-cv-similarity query ~/pictures.idx beach.jpg -k 5\n"
-             "  utils-cv-similarity query photos.idx a.jpg b.jpg --json --figure neighbours.png",
-    "duplicates": "examples:\n  utils-cv-similarity duplicates ~/Pictures\n"
-                  "  utils-cv-similarity duplicates photos.idx --threshold 0.4 --csv > dups.csv\n"
-                  "  utils-cv-similarity duplicates ~/Pictures --json --figure groups.png --keep oldest",
-    "serve": "examples:\n  utils-cv-similarity serve ~/pictures.idx\n"
-             "  utils-cv-similarity serve photos.idx --host 0.0.0.0 --port 8080",
-    "train": "examples:\n  utils-cv-similarity train labelled/ --out model.pth\n"
-             "  utils-cv-similarity train labelled/ --out model.pth --head normsoftmax --epochs 12",
-    "evaluate": "examples:\n  utils-cv-similarity evaluate labelled/\n"
-                "  utils-cv-similarity evaluate labelled/ --model model.pth --json",
-    "demo": "examples:\n  utils-cv-similarity demo\n  utils-cv-similarity demo --epochs 0 --data my_labelled_folder",
-}
 
 
 class UsageError(ValueError):
@@ -72,13 +57,15 @@ def cmd_index(args) -> int:
     if args.engine == "ray":
         from utils_cv.similarity import scale
 
+        if (args.runtime, args.precision) != ("torch", "fp32"):
+            raise UsageError("--runtime and --precision apply to --engine local (Ray workers run torch).")
         report = scale.index_folder_ray(args.folder, args.out, model=args.model, backbone=args.backbone,
                                         weights=args.weights, backend=args.backend, batch_size=args.batch_size,
                                         address=args.address, progress=_progress(args))
     else:
         report = collection.index_folder(args.folder, args.out, model=args.model, backbone=args.backbone,
                                          weights=args.weights, backend=args.backend, batch_size=args.batch_size,
-                                         progress=_progress(args))
+                                         progress=_progress(args), runtime=args.runtime, precision=args.precision)
     if args.export:
         collection.export_parquet(collection.open_collection(args.out), args.export)
     if args.json:
@@ -148,7 +135,8 @@ def cmd_duplicates(args) -> int:
         key = hashlib.sha256(str(target.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
         col_dir = Path(args.index) if args.index else cache_dir("collections", key)
         collection.index_folder(target, col_dir, model=args.model, backbone=args.backbone, weights=args.weights,
-                                batch_size=args.batch_size, progress=_progress(args))
+                                batch_size=args.batch_size, progress=_progress(args), runtime=args.runtime,
+                                precision=args.precision)
     col = collection.open_collection(col_dir)
     groups = col.duplicate_groups(args.threshold, args.hash_threshold)
     for g in groups:
@@ -283,10 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--weights", help="a state dict file for --backbone (offline use)")
         p.add_argument("--batch-size", type=positive_int_text, default=32)
 
+    def runtime_options(p):
+        p.add_argument("--runtime", default="torch", choices=["torch", "onnx", "openvino"], help="where the model "
+                       "runs: eager torch, ONNX Runtime or OpenVINO (CPU; extras 'onnx', 'openvino')")
+        p.add_argument("--precision", default="fp32", choices=["fp32", "int8", "bf16"],
+                       help="int8 with --runtime onnx, bf16 with openvino: faster, features slightly different")
+
     p = command("index", "embed a folder of images into a searchable collection (re-runs embed only changes)")
     p.add_argument("folder", help="image folder: plain, or one sub-folder per class")
     p.add_argument("--out", required=True, help="output folder of the collection")
     model_options(p, "a model file from 'train' (default: ImageNet features of --backbone)")
+    runtime_options(p)
     p.add_argument("--backend", default="auto", choices=["auto", "exact", "hnsw", "ivfsq", "ivfpq"],
                    help="search structure; auto: exact up to 100k images, then hnsw, ivfsq above 1M")
     p.add_argument("--engine", default="local", choices=["local", "ray"],
@@ -309,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("duplicates", "exact and near-duplicate groups in a folder or collection (never deletes)")
     p.add_argument("target", help="an image folder, or a collection folder written by 'index'")
     model_options(p, "a model file from 'train' (default: ImageNet features of --backbone)")
+    runtime_options(p)
     p.add_argument("--threshold", type=float, help="L2 distance under which two images are duplicates "
                                                    "(default: the calibrated value, see the FAQ)")
     from utils_cv.similarity.dedup import HASH_THRESHOLD  # numpy only

@@ -210,18 +210,28 @@ def check_folders(folder, out, backend: str = "auto") -> tuple[Path, Path]:
 
 def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str | os.PathLike | None = None,
                  backbone: str | None = None, weights: str | os.PathLike | None = None, backend: str = "auto",
-                 batch_size: int = 32, progress: bool = True, fast_decode: bool = True) -> IndexReport:
+                 batch_size: int = 32, progress: bool = True, fast_decode: bool = True, runtime: str = "torch",
+                 precision: str = "fp32") -> IndexReport:
     """Embed the images of ``folder`` (plain or one sub-folder per class) and save a searchable
     collection to ``out``; a re-run embeds only new or changed files (see the module doc).
 
     Bad files never stop the run: they are skipped, logged and listed in the report.
-    ``fast_decode``: decode big photos at a reduced scale (see ``FeatureExtractor``).
+    ``fast_decode``: decode big photos at a reduced scale; ``runtime``, ``precision``: where the
+    forward pass runs (see ``FeatureExtractor``). A reduced precision is part of the model's
+    identity (its features differ a little), so changing it embeds everything again.
     """
     from utils_cv.similarity.features import FeatureExtractor
 
     start = time.perf_counter()
     root, out = check_folders(folder, out, backend)
     spec = model_spec(model, backbone, weights)
+    import torch
+
+    from utils_cv.similarity.runtime import check_runtime
+
+    check_runtime(runtime, precision, torch.device("cpu"))
+    if precision != "fp32":
+        spec["precision"] = precision
     scan = data_mod.scan_images(root, labelled=False)
     skipped = [(str(p), r) for p, r in scan.skipped]
     old_rows: dict[str, tuple[dict, np.ndarray]] = {}
@@ -260,7 +270,8 @@ def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str |
     removed = len(set(old_rows) - {e["path"] for e in entries})
     if todo:
         module, transform = load_embedder(spec)
-        extractor = FeatureExtractor(module, transform, batch_size=batch_size, fast_decode=fast_decode)
+        extractor = FeatureExtractor(module, transform, batch_size=batch_size, fast_decode=fast_decode,
+                                     runtime=runtime, precision=precision)
         result = extractor.extract([root / entries[i]["path"] for i in todo], on_error="skip", progress=progress,
                                    hashes=True)
         for j, row, h in zip(result.kept, result.features, result.hashes):

@@ -4,7 +4,7 @@
 channels_last on the CPU, eval mode) made when it is built, so the caller's model is never
 changed (not its weights, memory format, training flag nor attributes). The copy is a
 snapshot: after the model's weights change (training), build a new extractor; extractors
-built for the same unchanged model share one copy (see ``_prepared``), which is what keeps
+built for the same unchanged model share one copy (see ``runtime.prepared``), which is what keeps
 repeated :func:`extract_features` calls, the one-call form, as fast as one extractor.
 
 Every item, a file or an in-memory image, goes through :func:`to_rgb_image`, so the same
@@ -12,11 +12,8 @@ pixels give the same features whatever the container.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
-import threading
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -173,45 +170,12 @@ def _positive(value, name: str, allow_none: bool = False):
 
 
 # ---------------------------------------------------------------------------- extraction
-_PREPARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (key, prepared copy)
-_PREPARED_LOCK = threading.Lock()
+def autocast(device: torch.device):
+    """Mixed precision for inference where it pays: float16 autocast on CUDA; nothing (fp32)
+    on the CPU and MPS, where the features stay exactly those of the fp32 model."""
+    import contextlib
 
-
-def _weights_key(module: nn.Module, *options) -> tuple:
-    """Changes when any parameter or buffer is replaced or updated in place (an optimiser step)."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    return (*options, tuple(t._version for t in tensors), tuple(t.data_ptr() for t in tensors))
-
-
-def _prepared(module: nn.Module, device: torch.device, fold_bn: bool, channels_last: bool) -> nn.Module:
-    """A private inference copy of ``module``: eval mode, no gradients, on ``device``, batch
-    norms folded, channels_last on the CPU.
-
-    Copies are shared by extractors built for the same unchanged model (they only run it
-    under ``torch.inference_mode``), so that repeated :func:`extract_features` calls prepare
-    it once. They are held in a side table keyed weakly on the model, never on the model
-    itself: the entry goes when the model does, and a weight change makes a new copy.
-    """
-    key = _weights_key(module, str(device), fold_bn, channels_last)
-    with _PREPARED_LOCK:
-        hit = _PREPARED.get(module)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    try:
-        prepared = copy.deepcopy(module)
-    except Exception as exc:  # noqa: BLE001 - e.g. a module holding a lock or an open file
-        raise TypeError(f"The 'model' parameter ({type(module).__name__}) cannot be copied ({exc}); "
-                        "FeatureExtractor runs a private copy so that the model passed is never changed.") from exc
-    prepared = prepared.eval().requires_grad_(False).to(device)
-    if fold_bn:
-        from utils_cv.similarity.fuse import fold_batchnorm
-
-        prepared = fold_batchnorm(prepared)
-    if channels_last:
-        prepared = prepared.to(memory_format=torch.channels_last)
-    with _PREPARED_LOCK:
-        _PREPARED[module] = (key, prepared)
-    return prepared
+    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @dataclass
@@ -255,11 +219,20 @@ class FeatureExtractor:
             multi-megapixel photos embed many times faster with features that agree with a full
             decode (mean cosine >= 0.99 on real photos, BENCHMARKS.md). Smaller images are
             decoded exactly as before.
+        runtime: ``"torch"`` (eager, the default), ``"onnx"`` (ONNX Runtime) or ``"openvino"``:
+            the prepared copy exported once and cached (:mod:`utils_cv.similarity.runtime`);
+            CPU only, same preprocessing.
+        precision: ``"fp32"``; ``"int8"`` with ``runtime="onnx"``, ``"bf16"`` with
+            ``runtime="openvino"`` (faster, features slightly different: BENCHMARKS.md).
+        calibration: for ``int8``, the images (files, PIL images or arrays) to calibrate on;
+            None: up to 256 images of the shipped default data set.
     """
 
     def __init__(self, model, transform: Callable, batch_size: int = 64, device: str | torch.device | None = None,
                  fold_bn: bool = True, num_workers: int | None = None, chunk_size: int | None = None,
-                 fast_decode: bool = True):
+                 fast_decode: bool = True, runtime: str = "torch", precision: str = "fp32", calibration=None):
+        from utils_cv.similarity import runtime as rt
+
         module = _embedding_module(model)
         if not callable(transform):
             raise TypeError(f"The 'transform' parameter must be callable. Got {type(transform).__name__}.")
@@ -282,8 +255,12 @@ class FeatureExtractor:
             self.device = torch.device(device)
         self.chunk_size = _positive(chunk_size, "chunk_size", allow_none=True) or (
             _CPU_CHUNK if self.device.type == "cpu" else self.batch_size)
-        self.channels_last = self.device.type == "cpu"
-        self._model = _prepared(module, self.device, bool(fold_bn), self.channels_last)
+        rt.check_runtime(runtime, precision, self.device)
+        self.runtime, self.precision = runtime, precision
+        self.channels_last = self.device.type == "cpu" and runtime == "torch"
+        self._module = rt.prepared(module, self.device, bool(fold_bn), self.device.type == "cpu")
+        self._model = self._module if runtime == "torch" else rt.ExportedModel(
+            self._module, runtime, precision, calibration=lambda: self._calibration(calibration))
 
     def extract(self, items: Sequence, on_error: str = "raise", progress: bool = True,
                 hashes: bool = False) -> Extraction:
@@ -353,11 +330,21 @@ class FeatureExtractor:
         with torch.inference_mode():
             return l2_normalize(self._forward(batch))
 
+    def _calibration(self, items) -> np.ndarray:
+        """The int8 calibration batch: ``items`` (or images of the default data set), preprocessed."""
+        if items is None:
+            from utils_cv.similarity import data
+            from utils_cv.similarity.runtime import CALIBRATION_IMAGES
+
+            paths, _ = data.list_images(data.default_dataset())
+            items = paths[:: max(1, len(paths) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]
+        return torch.stack([self.transform(to_rgb_image(it, self.min_size)) for it in items]).numpy()
+
     def _width(self) -> int:
         from utils_cv.similarity.model import num_features
 
         try:
-            return num_features(self._model)
+            return num_features(self._module)
         except ValueError:
             return 0
 
@@ -365,7 +352,8 @@ class FeatureExtractor:
         batch = batch.to(self.device, non_blocking=True)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        emb = torch.cat([self._model(part) for part in batch.split(self.chunk_size)])
+        with autocast(self.device):
+            emb = torch.cat([self._model(part) for part in batch.split(self.chunk_size)])
         if emb.ndim == 4:
             emb = emb.mean(dim=(2, 3))
         elif emb.ndim != 2:

@@ -1,0 +1,110 @@
+"""Exported runtimes (ONNX Runtime, OpenVINO) against the eager torch path, on real images and a real
+model; the device-selection and mixed-precision logic of the GPU path, checked on the CPU."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from utils_cv.similarity import data, features, model, runtime
+
+
+@pytest.fixture(scope="module")
+def images():
+    paths, _ = data.list_images(data.default_dataset())
+    return paths[::40][:12]
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return model.create_backbone()  # ImageNet weights: features worth comparing
+
+
+def _eager(net, tf, paths):
+    return features.FeatureExtractor(net, tf).extract(paths, progress=False).features
+
+
+@pytest.mark.parametrize("name", ["onnx", "openvino"])
+def test_fp32_runtimes_equal_eager_and_export_once(name, images, backbone, cache_dir):
+    pytest.importorskip("onnxruntime" if name == "onnx" else "openvino")
+    net, tf = backbone
+    ref = _eager(net, tf, images)
+    got = features.FeatureExtractor(net, tf, runtime=name).extract(images, progress=False)
+    assert got.features.shape == ref.shape and got.features.dtype == np.float32
+    cos = (got.features * ref).sum(1)
+    assert cos.min() >= 0.9999, cos
+    exported = sorted((cache_dir / "exported").glob("*.onnx"))
+    assert len(exported) == 1
+    stamp = exported[0].stat().st_mtime_ns
+    again = features.FeatureExtractor(net, tf, runtime=name).extract(images[:3], progress=False)
+    np.testing.assert_allclose(again.features, got.features[:3], atol=1e-6)
+    assert exported[0].stat().st_mtime_ns == stamp, "a second extractor loads the cached export"
+    # another input size is another export; the weights' change too
+    small = model.create_backbone(image_size=160)[1]
+    features.FeatureExtractor(net, small, runtime=name).extract(images[:2], progress=False)
+    assert len(list((cache_dir / "exported").glob("*.onnx"))) == 2
+    assert not list((cache_dir / "exported").glob(".*")), "no temporary file is left behind"
+
+
+def test_a_changed_model_is_exported_again(images, cache_dir):
+    pytest.importorskip("onnxruntime")
+    net, tf = model.create_backbone(pretrained=False, image_size=64)
+    first = features.FeatureExtractor(net, tf, runtime="onnx").extract(images[:4], progress=False).features
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(0.5)
+    second = features.FeatureExtractor(net, tf, runtime="onnx").extract(images[:4], progress=False).features
+    assert len(list((cache_dir / "exported").glob("*.onnx"))) == 2
+    np.testing.assert_allclose(second, _eager(net, tf, images[:4]), atol=1e-4)
+    assert not np.allclose(first, second, atol=1e-3)
+
+
+def test_reduced_precisions_stay_close_to_fp32(images, backbone, cache_dir):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    net, tf = backbone
+    ref = _eager(net, tf, images)
+    bf16 = features.FeatureExtractor(net, tf, runtime="openvino", precision="bf16").extract(images, progress=False)
+    assert (bf16.features * ref).sum(1).min() >= 0.99
+    int8 = features.FeatureExtractor(net, tf, runtime="onnx", precision="int8", calibration=images[:8])
+    got = int8.extract(images, progress=False).features
+    cos = (got * ref).sum(1)
+    assert 0.6 <= cos.mean() < 0.9999, "quantised: close to, but not equal to, the fp32 features"
+    assert len(list((cache_dir / "exported").glob("*-int8-*.onnx"))) == 1
+    # the nearest neighbours mostly survive quantisation
+    same = [(np.argsort(-(ref @ ref[i]))[1] == np.argsort(-(got @ got[i]))[1]) for i in range(len(images))]
+    assert np.mean(same) >= 0.5
+
+
+def test_bad_runtime_or_precision_is_refused_with_the_choices(backbone):
+    net, tf = backbone
+    with pytest.raises(ValueError, match=r"'runtime'.*\['torch', 'onnx', 'openvino'\].*'tensorrt'"):
+        features.FeatureExtractor(net, tf, runtime="tensorrt")
+    with pytest.raises(ValueError, match=r"'precision'.*\['fp32', 'int8'\].*runtime='onnx'.*'bf16'"):
+        features.FeatureExtractor(net, tf, runtime="onnx", precision="bf16")
+    with pytest.raises(ValueError, match=r"'precision'.*\['fp32'\].*'int8'"):
+        features.FeatureExtractor(net, tf, precision="int8")
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        runtime.check_runtime("openvino", "fp32", torch.device("cuda"))
+
+
+def test_mixed_precision_only_on_cuda():
+    cpu = features.autocast(torch.device("cpu"))
+    with cpu:
+        assert not torch.is_autocast_enabled()
+    with warnings.catch_warnings():  # without CUDA, torch says autocast is off: the choice is what is tested
+        warnings.simplefilter("ignore")
+        cuda = features.autocast(torch.device("cuda"))
+    assert isinstance(cuda, torch.autocast) and cuda.fast_dtype == torch.float16 and cuda.device == "cuda"
+
+
+@pytest.mark.gpu
+def test_cuda_extraction_matches_the_cpu(images, backbone):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    net, tf = backbone
+    ref = _eager(net, tf, images)
+    got = features.FeatureExtractor(net, tf, device="cuda").extract(images, progress=False).features
+    assert (got * ref).sum(1).min() >= 0.999
