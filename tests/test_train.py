@@ -218,6 +218,29 @@ def test_bad_arguments(folder):
         train.create_learner(paths, labels, valid="half", pretrained=False)
 
 
+def test_mixed_precision_is_chosen_for_cuda_only(folder):
+    import fastai.vision.all as fv
+
+    learn = _learner(folder, device="cpu")
+    assert not any(isinstance(cb, fv.MixedPrecision) for cb in learn.cbs), "float32 on the CPU"
+    assert not learn.dls.train.pin_memory
+    with pytest.raises(ValueError, match="'mixed_precision'.*CUDA.*cpu"):
+        _learner(folder, device="cpu", mixed_precision=True)
+    assert not any(isinstance(cb, fv.MixedPrecision) for cb in _learner(folder, mixed_precision=False).cbs)
+
+
+@pytest.mark.gpu
+def test_cuda_training_runs_in_mixed_precision(folder):
+    import fastai.vision.all as fv
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    learn = _learner(folder, device="cuda")
+    assert any(isinstance(cb, fv.MixedPrecision) for cb in learn.cbs) and learn.dls.train.pin_memory
+    result = train.fine_tune(learn, 1, freeze_epochs=0, progress=False)
+    assert len(result.log) == 2 and np.isfinite(result.log[-1]["map@r"])
+
+
 def test_lr_find_leaves_weights_and_log_alone_and_writes_nothing_here(folder, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     learn = _learner(folder)

@@ -111,6 +111,7 @@ def create_learner(
     freeze_bn: bool | None = None,
     loss: str | Callable | None = None,
     device: str | torch.device | None = None,
+    mixed_precision: bool | None = None,
 ) -> fv.Learner:
     """A fastai Learner that fine-tunes ``backbone`` for similarity.
 
@@ -142,6 +143,8 @@ def create_learner(
             (``heads.LOSSES``) or a callable ``loss(output, target)``; an ``nn.Module`` loss
             with parameters has them trained with the head.
         device: where to train; None: ``utils_cv.common.device.default_device()``.
+        mixed_precision: train in float16 autocast with loss scaling (fastai ``to_fp16``) and
+            pinned-memory batches; None: on CUDA only. The CPU and MPS train in float32.
 
     Returns:
         A fastai ``Learner`` whose model is a ``heads.SimilarityNet``. Images that do not
@@ -156,6 +159,11 @@ def create_learner(
     image_size = defaults["image_size"] if image_size is None else image_size
     embedding_dim = defaults["embedding_dim"] if embedding_dim is None else embedding_dim
     device = default_device() if device is None else torch.device(device)
+    if mixed_precision is None:
+        mixed_precision = device.type == "cuda"
+    elif mixed_precision and device.type != "cuda":
+        raise ValueError(f"The 'mixed_precision' parameter needs a CUDA device; training runs on {device}. Leave it "
+                         "None (on CUDA only) or pass False.")
     # decode every image once: a truncated file would otherwise stop training mid-epoch
     paths, labels, skipped = data_mod.decodable([Path(p) for p in paths], [str(label) for label in labels])
     if isinstance(valid, tuple) and len(valid) == 2:
@@ -209,9 +217,10 @@ def create_learner(
         if net.balanced_batches:  # each image drawn with weight 1 / its class size
             counts = {c: sum(labels[i] == c for i in train_idx) for c in classes}
             wgts = np.array([1.0 / counts.get(labels[i], 1) for i in items])  # fastai picks the train rows
-            dls = block.weighted_dataloaders(items, wgts=wgts, bs=batch_size, num_workers=0, device=device)
+            dls = block.weighted_dataloaders(items, wgts=wgts, bs=batch_size, num_workers=0, device=device,
+                                             pin_memory=device.type == "cuda")
         else:
-            dls = block.dataloaders(items, bs=batch_size, num_workers=0, device=device)
+            dls = block.dataloaders(items, bs=batch_size, num_workers=0, device=device, pin_memory=device.type == "cuda")
     if not validate_every_epoch:
         retrieval = ([], [])
     cbs = [RetrievalValidation(retrieval[0], retrieval[1], transform, skipped=skipped)]
@@ -223,6 +232,8 @@ def create_learner(
                          cbs=cbs, path=Path(tempfile.gettempdir()), model_dir=".")
     if device.type != "cuda":
         learner.model = learner.model.to(memory_format=torch.channels_last)
+    if mixed_precision:
+        learner = learner.to_fp16()
     # library code logs, it does not print; fastai's rows (its own 0-based epochs) go to debug,
     # the retrieval validation logs one line per epoch in the numbering of the result's log
     learner.logger = lambda row: logger.debug("fastai row: %s", row)
