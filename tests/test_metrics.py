@@ -249,3 +249,14 @@ def test_evaluate_distances_by_hand_and_errors():
         metrics.evaluate_distances(np.full((2, 2), np.nan), ["a", "a"])
     with pytest.raises(ValueError, match="'query_labels'"):
         metrics.evaluate_distances(d, ["a", "a"])
+
+
+def test_rung_keys_order_as_row_then_distance_negative_and_signed_zero_included():
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.normal(scale=4, size=400), [0.0, -0.0, 1e-45, -1e-45, 3e38, -3e38]]).astype(np.float32)
+    rows = rng.integers(0, 5, len(values))
+    keys = ranking._keys(rows, values)
+    order = np.lexsort((values, rows))  # by row, then by distance
+    assert (np.diff(keys[order]) >= 0).all()
+    same = (rows[:, None] == rows[None, :]) & (values[:, None] == values[None, :])
+    assert ((keys[:, None] == keys[None, :]) == same).all()  # equal keys exactly for equal distances (0.0 == -0.0)

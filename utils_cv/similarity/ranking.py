@@ -16,9 +16,12 @@ farthest relevant item. So:
    diagonal are computed: a tile serves its rows and, read by columns, its columns (half the
    multiply-adds). In a tile, only entries at or under their row's threshold are looked at
    (about 2% of them at 100,000 x 128 in 1,000 classes); each non-relevant one is placed on
-   its row's ladder by a binary search (all candidates of a tile at once) and counted on that
-   rung. Exact ties with a relevant item go by index. When only ranks within R matter
-   (R-precision, MAP@R), a row's threshold falls as soon as R items are known to be closer.
+   its row's ladder and counted on that rung. The placing is one ``searchsorted`` for all
+   candidates of a tile: rungs and candidates become int64 keys ordered as (row, distance)
+   (:func:`_keys`). Exact ties with a relevant item go by index. When only ranks within R
+   matter (R-precision, MAP@R), a row's threshold falls once R items are known to be closer
+   (checked after a block of rows has gained about 8 counts per row: checking costs a pass
+   over their ladders).
 3. A running sum of the counts along each ladder gives the non-relevant items before each
    relevant one.
 
@@ -26,8 +29,8 @@ Distances are one matrix product of augmented rows, ``[x, |x|^2, 1] . [-2y, 1, |
 squared L2 (the same order as L2) and ``x . -y`` on unit rows for cosine, so the small and the
 large products, and every tile, compute a distance the same way and no pass over a tile is
 spent turning products into distances. Values agree with ``|x - y|^2`` to float32 rounding.
-The product runs on torch (MKL, all cores); the scans of a tile run on numpy in one thread,
-where many short calls cost less than starting threads for each.
+The product, the one comparison of every entry with its row's threshold and the placing run
+on torch (all cores); the rest of a tile's work, on its few candidates, on numpy.
 Memory: one tile, and per relevant (query, item) pair a distance and a count (8 bytes; the
 ranks that come out take 8); operands are made a tile at a time from the caller's rows. When
 the pairs would pass ``_STATE_BYTES`` the queries are taken in chunks, each against the whole
@@ -110,6 +113,16 @@ class _Operands:
         return self._operand(slice(a, b), right=True)
 
 
+def _keys(rows: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """int64 keys ordered as (row, distance): the row in the high 32 bits, below it the float32
+    distance's bits mapped to an unsigned order (negative distances, cosine's, included; -0.0
+    counts as 0.0, since they are equal distances). One sorted array of keys lets one
+    ``searchsorted`` place every candidate of a tile on its own row's rungs."""
+    bits = (values + np.float32(0.0)).view(np.int32).astype(np.int64)
+    order = np.where(bits >= 0, bits, -(bits & 0x7FFFFFFF)) + (1 << 31)
+    return (rows.astype(np.int64) << 32) | order
+
+
 class _Ladders:
     """Each chunk row's relevant distances, sorted (the rungs, one flat array with ``offsets``),
     the reference index of each rung (for ties), and the non-relevant items counted on each."""
@@ -124,12 +137,12 @@ class _Ladders:
         self.class_start, self.num_relevant = starts, sizes - (1 if loo else 0)
         lengths = np.minimum(self.num_relevant, 1) if depth == "first" else self.num_relevant
         self.tighten = depth == "within"
+        self._gained: dict[int, int] = {}  # row block -> counts added since its thresholds were last lowered
         offsets = np.zeros(n_rows + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         self.offsets = offsets
         total = int(offsets[-1])
         self.values = np.empty(total, dtype=np.float32)
-        self.steps = int(lengths.max(initial=0)).bit_length()
         self.counts = np.zeros(total, dtype=np.int32)
         self.threshold = np.full(n_rows, -np.inf, dtype=np.float32)
         self._mask = np.empty(_TILE * _TILE, dtype=bool)
@@ -150,6 +163,7 @@ class _Ladders:
                 d = np.take_along_axis(d, order, 1)
                 self.values[offsets[s] : offsets[e]] = d.reshape(-1)
                 self.threshold[s:e] = d[:, -1]
+        self._lengths = lengths
 
     def count(self, d: np.ndarray, r0: int, c0: int, row_cls, col_cls, by_columns: bool) -> None:
         """Count the non-relevant candidates of tile ``d``: its rows are chunk rows ``r0...``
@@ -158,36 +172,42 @@ class _Ladders:
         n = d.shape[1] if by_columns else d.shape[0]
         t = self.threshold[r0 : r0 + n]
         mask = self._mask[: d.size].reshape(d.shape)
-        np.less_equal(d, t[None, :] if by_columns else t[:, None], out=mask)
+        # the one pass over every entry: torch's comparison runs on all cores, numpy's on one
+        torch.le(torch.from_numpy(d), torch.from_numpy(t[None, :] if by_columns else t[:, None]),
+                 out=torch.from_numpy(mask))
         flat = np.flatnonzero(mask)
         if len(flat) == 0:
             return
         a, b = np.divmod(flat, d.shape[1])
         r, c = (b + r0, a + c0) if by_columns else (a + r0, b + c0)
-        other = row_cls[r] != col_cls[c]
-        r, c, v = r[other], c[other], d.reshape(-1)[flat[other]]
-        if len(r) == 0:
-            return
-        # binary search of each candidate on its own row's rungs, all candidates at once
-        pos, end = self.offsets[r], self.offsets[r + 1]
-        hi, last = end.copy(), len(self.values) - 1
-        for _ in range(self.steps):
-            mid = (pos + hi) >> 1
-            right = self.values[np.minimum(mid, last)] < v
-            right &= pos < hi
-            np.copyto(hi, mid, where=~right & (pos < hi))
-            np.copyto(pos, mid + 1, where=right)
-        tied = pos < end
-        tied &= self.values[np.minimum(pos, last)] == v
+        v = d.reshape(-1)[flat]
+        # rows and columns are in class order: only a tile whose classes overlap holds relevant pairs
+        if row_cls[r0] <= col_cls[c0 + (d.shape[0] if by_columns else d.shape[1]) - 1] and col_cls[c0] <= row_cls[r0 + n - 1]:
+            other = row_cls[r] != col_cls[c]
+            r, c, v = r[other], c[other], v[other]
+            if len(r) == 0:
+                return
+        # each candidate placed on its own row's rungs: the first rung not below it
+        # (keys of this tile's rows only, made here: kept for every row they would double the state)
+        lo, hi = self.offsets[r0], self.offsets[r0 + n]
+        rungs = _keys(np.repeat(np.arange(n), self._lengths[r0 : r0 + n]), self.values[lo:hi])
+        k = _keys(r - r0, v)
+        pos = torch.searchsorted(torch.from_numpy(rungs), torch.from_numpy(k)).numpy()
+        tied = pos < hi - lo
+        tied &= rungs[np.minimum(pos, hi - lo - 1)] == k
+        pos += lo
+        end = self.offsets[r + 1]
+        tied &= pos < end
         tied = np.flatnonzero(tied)
         if len(tied):  # equal distances: relevant items of lower index come first
             pos[tied] += self._tied_before(r[tied], v[tied], self.col_orig[c[tied]])
         pos = pos[pos < end]  # past the last rung: it precedes no relevant item
-        lo = self.offsets[r0]
-        hi = self.offsets[r0 + n]
         self.counts[lo:hi] += np.bincount(pos - lo, minlength=hi - lo).astype(np.int32)
-        if self.tighten:
-            self._tighten(r0, n, lo, hi)
+        if self.tighten:  # lowered once the rows gained ~8 counts each: a pass over their ladders costs a tile
+            gained = self._gained.get(r0, 0) + len(pos)
+            self._gained[r0] = 0 if gained >= 8 * n else gained
+            if gained >= 8 * n:
+                self._tighten(r0, n, lo, hi)
 
     def _tied_before(self, rows: np.ndarray, values: np.ndarray, indices: np.ndarray) -> np.ndarray:
         """For each (row, value, index): relevant items of the row at exactly that distance with
