@@ -108,3 +108,22 @@ def test_cuda_extraction_matches_the_cpu(images, backbone):
     ref = _eager(net, tf, images)
     got = features.FeatureExtractor(net, tf, device="cuda").extract(images, progress=False).features
     assert (got * ref).sum(1).min() >= 0.999
+
+
+def test_decoding_threads_give_the_same_rows_order_and_skips(image_folder, backbone):
+    net, tf = backbone
+    paths, _ = data.list_images(image_folder)
+    broken = image_folder / "circles" / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    items = paths[:5] + [broken] + paths[5:]
+    plain = features.FeatureExtractor(net, tf, batch_size=3, decode_threads=0).extract(items, on_error="skip",
+                                                                                        progress=False)
+    threaded = features.FeatureExtractor(net, tf, batch_size=3, decode_threads=2)
+    got = threaded.extract(items, on_error="skip", progress=False, hashes=True)
+    np.testing.assert_array_equal(got.kept, plain.kept)
+    np.testing.assert_allclose(got.features, plain.features, atol=1e-6)
+    assert [p for p, _ in got.skipped] == [broken] and len(got.hashes) == len(got.kept) == len(paths)
+    with pytest.raises(features.ImageDecodeError, match="broken.jpg"):
+        threaded.extract(items, progress=False)
+    with pytest.raises(ValueError, match="'decode_threads'"):
+        features.FeatureExtractor(net, tf, decode_threads=-1)

@@ -7,8 +7,9 @@ snapshot: after the model's weights change (training), build a new extractor; ex
 built for the same unchanged model share one copy (see ``runtime.prepared``), which is what keeps
 repeated :func:`extract_features` calls, the one-call form, as fast as one extractor.
 
-Every item, a file or an in-memory image, goes through :func:`to_rgb_image`, so the same
-pixels give the same features whatever the container.
+Every item, a file or an in-memory image, goes through :func:`to_rgb_image` (from
+:mod:`utils_cv.similarity.loading`, which decodes the batches), so the same pixels give the same
+features whatever the container.
 """
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from utils_cv.similarity.data import load_image, to_rgb
 from utils_cv.similarity.distances import l2_normalize
+from utils_cv.similarity.loading import (ImageDataset, collate, default_workers, min_side, threaded_batches,
+                                         to_rgb_image)
 
 logger = logging.getLogger(__name__)
 
@@ -33,110 +34,6 @@ __all__ = ["Extraction", "FeatureExtractor", "ImageDecodeError", "extract_featur
 
 class ImageDecodeError(ValueError):
     """An image could not be read or decoded; the message names the file."""
-
-
-# ---------------------------------------------------------------------------- images
-_ARRAY_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
-
-
-def _array_to_pil(arr: np.ndarray) -> Image.Image:
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.ndim != 3 or arr.shape[2] not in _ARRAY_MODES or min(arr.shape[:2]) < 1:
-        hint = " (channels first? use arr.transpose(1, 2, 0))" if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) else ""
-        raise ValueError(f"An in-memory image must be an (H, W), (H, W, 1), (H, W, 2), (H, W, 3) or (H, W, 4) "
-                         f"array; got shape {arr.shape}{hint}.")
-    kind = arr.dtype.kind
-    if kind == "f":
-        if not np.isfinite(arr).all():
-            raise ValueError("An in-memory float image holds NaN or infinite values.")
-        lo, hi = float(arr.min()), float(arr.max())
-        if lo < 0.0 or hi > 1.0:
-            raise ValueError(f"An in-memory float image must hold values in [0, 1]; got [{lo:g}, {hi:g}]. For 0-255 "
-                             "values pass arr.astype(np.uint8); for other ranges rescale to [0, 1] first.")
-        arr = np.rint(arr * 255.0).astype(np.uint8)
-    elif kind in "ui":
-        lo, hi = int(arr.min()), int(arr.max())
-        if arr.dtype == np.uint16 and hi > 255:  # 16-bit, as 16-bit PNG files are read
-            arr = (arr.astype(np.float32) / 65535.0 * 255).clip(0, 255).astype(np.uint8)
-        elif lo < 0 or hi > 255:
-            raise ValueError(f"An in-memory integer image must hold values in [0, 255]; got [{lo}, {hi}].")
-        else:
-            arr = arr.astype(np.uint8)
-    else:
-        raise ValueError(f"An in-memory image must be an unsigned integer or float array; got dtype {arr.dtype}.")
-    mode = _ARRAY_MODES[arr.shape[2]]
-    return Image.fromarray(np.ascontiguousarray(arr if mode != "L" else arr[:, :, 0]), mode=mode)
-
-
-def to_rgb_image(item, min_size: int | None = None) -> Image.Image:
-    """The RGB image the model sees for ``item``, the same whatever the container.
-
-    Args:
-        item: an image file path; a PIL image (its EXIF orientation applied, as for a file);
-            or an (H, W), (H, W, 1), (H, W, 2) (grey + alpha), (H, W, 3) RGB or (H, W, 4) RGBA
-            array. Integer arrays hold 0-255 (uint16 over 255: 16-bit, scaled as 16-bit files
-            are); float arrays hold [0, 1] and are scaled to 0-255. Float arrays outside
-            [0, 1] are refused rather than guessed at: a float image with values up to 1.0 is
-            equally plausible as a dark 0-255 image, and reading it the wrong way gives
-            features of a black or a saturated picture without any sign of the mistake.
-
-    Transparency (RGBA, LA, P with a transparent colour) is composited on white, as for files.
-    ``min_size``: for files, decode big photos at a reduced scale keeping the shorter side >=
-    ``min_size`` (see :func:`utils_cv.similarity.data.load_image`).
-
-    Raises:
-        ValueError: an array of another shape, dtype or value range (the message says which).
-    """
-    if isinstance(item, Image.Image):
-        return to_rgb(item)
-    if isinstance(item, np.ndarray):
-        return to_rgb(_array_to_pil(item))
-    if isinstance(item, (str, os.PathLike)):
-        return load_image(item, min_size=min_size)
-    raise TypeError(f"An image must be a path, a PIL image or a numpy array; got {type(item).__name__}.")
-
-
-# ---------------------------------------------------------------------------- loading
-def _min_side(transform) -> int | None:
-    """The shorter side the transform's first resize needs, or None when it has none."""
-    for t in getattr(transform, "transforms", []):
-        size = getattr(t, "size", None)
-        if type(t).__name__ == "Resize" and size is not None:
-            if isinstance(size, int):
-                return size
-            size = [int(v) for v in size]
-            return max(size) if size else None
-    return None
-
-
-class _ImageDataset(Dataset):
-    def __init__(self, items: Sequence, transform: Callable, min_size: int | None = None, hash_fn=None):
-        self.items = items
-        self.transform = transform
-        self.min_size = min_size
-        self.hash_fn = hash_fn  # e.g. dedup.perceptual_hash, computed from the same decode
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        item = self.items[i]
-        try:
-            image = to_rgb_image(item, self.min_size)
-            return i, (self.transform(image), self.hash_fn(image) if self.hash_fn else None), None
-        except Exception as exc:  # noqa: BLE001 - reported with the item's name
-            name = item if isinstance(item, (str, os.PathLike)) else f"item {i}"
-            return i, None, f"Could not decode image {str(name)!r}: {type(exc).__name__}: {exc}"
-
-
-def _collate(batch):
-    kept = [(i, x) for i, x, _ in batch if x is not None]
-    failed = [(i, why) for i, x, why in batch if x is None]
-    if not kept:
-        return torch.empty(0, dtype=torch.int64), None, failed, []
-    return (torch.tensor([i for i, _ in kept]), torch.stack([x for _, (x, _) in kept]), failed,
-            [h for _, (_, h) in kept])
 
 
 def _embedding_module(model) -> nn.Module:
@@ -150,15 +47,6 @@ def _embedding_module(model) -> nn.Module:
 
 
 _CPU_CHUNK = 4
-
-
-def _default_workers(n: int, batch_size: int) -> int:
-    if n <= batch_size:
-        return 0
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # measured (benchmarks/bench_features.py): on 2 cores a decoding worker steals a core
-    # from the forward pass (30 vs 42 img/s), so workers pay off only with cores to spare
-    return 0 if cpus <= 2 else min(4, cpus // 2)
 
 
 def _positive(value, name: str, allow_none: bool = False):
@@ -226,11 +114,17 @@ class FeatureExtractor:
             ``runtime="openvino"`` (faster, features slightly different: BENCHMARKS.md).
         calibration: for ``int8``, the images (files, PIL images or arrays) to calibrate on;
             None: up to 256 images of the shipped default data set.
+        decode_threads: threads decoding the next batches while the model runs (without
+            worker processes); None: 2 with the exported runtimes, none with eager torch
+            (measured on 2 cores: 1.2-1.25x faster end to end beside OpenVINO and ONNX Runtime;
+            beside eager torch, whose own threads compete with them, 0.86-1.07x over runs;
+            BENCHMARKS.md, "Exported runtimes").
     """
 
     def __init__(self, model, transform: Callable, batch_size: int = 64, device: str | torch.device | None = None,
                  fold_bn: bool = True, num_workers: int | None = None, chunk_size: int | None = None,
-                 fast_decode: bool = True, runtime: str = "torch", precision: str = "fp32", calibration=None):
+                 fast_decode: bool = True, runtime: str = "torch", precision: str = "fp32", calibration=None,
+                 decode_threads: int | None = None):
         from utils_cv.similarity import runtime as rt
 
         module = _embedding_module(model)
@@ -238,12 +132,16 @@ class FeatureExtractor:
             raise TypeError(f"The 'transform' parameter must be callable. Got {type(transform).__name__}.")
         self.transform = transform
         # big photos decode at a reduced scale that still covers the transform's resize
-        self.min_size = _min_side(transform) if fast_decode else None
+        self.min_size = min_side(transform) if fast_decode else None
         self.batch_size = _positive(batch_size, "batch_size")
         if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
                                         or num_workers < 0):
             raise ValueError(f"The 'num_workers' parameter must be an integer >= 0 or None. Got {num_workers!r}.")
         self.num_workers = num_workers
+        if decode_threads is not None and (isinstance(decode_threads, bool) or not isinstance(decode_threads, int)
+                                           or decode_threads < 0):
+            raise ValueError(f"The 'decode_threads' parameter must be an integer >= 0 or None. Got {decode_threads!r}.")
+        self.decode_threads = decode_threads
         if device is None:
             param = next(module.parameters(), None)
             self.device = param.device if param is not None else torch.device("cpu")
@@ -288,14 +186,20 @@ class FeatureExtractor:
         if not items:
             raise ValueError("The 'items' parameter is empty: give at least one image.")
         in_memory = not all(isinstance(p, (str, os.PathLike)) for p in items)
-        workers = self.num_workers if self.num_workers is not None else _default_workers(len(items), self.batch_size)
+        workers = self.num_workers if self.num_workers is not None else default_workers(len(items), self.batch_size)
+        workers = 0 if in_memory else workers
         hash_fn = None
         if hashes:
             from utils_cv.similarity.dedup import try_perceptual_hash as hash_fn
-        loader = DataLoader(_ImageDataset(items, self.transform, self.min_size, hash_fn), batch_size=self.batch_size,
-                            shuffle=False,
-                            num_workers=0 if in_memory else workers, pin_memory=self.device.type == "cuda",
-                            collate_fn=_collate)
+        dataset = ImageDataset(items, self.transform, self.min_size, hash_fn)
+        threads = self.decode_threads
+        if threads is None:  # measured: threads pay beside the exported runtimes, not beside eager torch
+            threads = 2 if self.runtime != "torch" and workers == 0 and len(items) > self.batch_size else 0
+        if threads and not workers:
+            loader = threaded_batches(dataset, self.batch_size, threads)
+        else:
+            loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, num_workers=workers,
+                                pin_memory=self.device.type == "cuda", collate_fn=collate)
         out, kept, skipped, found = [], [], [], []
         from tqdm.auto import tqdm
 
