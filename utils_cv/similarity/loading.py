@@ -137,18 +137,17 @@ def default_workers(n: int, batch_size: int) -> int:
 
 
 def threaded_batches(dataset: ImageDataset, batch_size: int, threads: int = 2, ahead: int = 2) -> Iterator:
-    """The collated batches of ``dataset`` in order, each decoded by one of ``threads`` threads
-    while the caller works on the previous ones; at most ``ahead`` batches wait decoded."""
-    starts = iter(range(0, len(dataset), batch_size))
-
-    def load(start: int):
-        return collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-
+    """The collated batches of ``dataset`` in order, their images decoded by ``threads`` threads
+    (one image per task, so a few large photos spread over the threads too) while the caller
+    works on the previous batches; at most ``ahead`` batches of images are in flight."""
+    indices = iter(range(len(dataset)))
     with ThreadPoolExecutor(threads, thread_name_prefix="utils_cv-decode") as pool:
-        pending = deque(pool.submit(load, s) for s in islice(starts, max(1, ahead)))
+        pending = deque(pool.submit(dataset.__getitem__, i) for i in islice(indices, max(1, ahead) * batch_size))
         while pending:
-            batch = pending.popleft().result()
-            start = next(starts, None)
-            if start is not None:
-                pending.append(pool.submit(load, start))
-            yield batch
+            batch = []
+            while pending and len(batch) < batch_size:
+                batch.append(pending.popleft().result())
+                i = next(indices, None)
+                if i is not None:
+                    pending.append(pool.submit(dataset.__getitem__, i))
+            yield collate(batch)
