@@ -8,7 +8,7 @@ import torch
 from conftest import draw_image_folder
 from fastai.callback.core import Callback
 
-from utils_cv.similarity import data, features, metrics, train
+from utils_cv.similarity import data, features, heads, metrics, train
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,33 @@ def test_two_epochs_lower_the_training_loss(folder):
         after = learn.validate(ds_idx=0)[0]
     assert after < before
     assert [e["epoch"] for e in log] == [1, 2] and all("train_loss" in e for e in log)
+
+
+@pytest.mark.parametrize("loss", ["triplet", "multisimilarity", "proxyanchor", "arcface"])
+def test_metric_learning_losses_train_and_lower_themselves(folder, loss):
+    pytest.importorskip("pytorch_metric_learning")
+    learn = _learner(folder, head="metric", loss=loss, augment=False, validate_every_epoch=False, batch_size=8,
+                     pretrained=True)
+    assert learn.model.m_per_class == 4 and learn.model.config["loss"] == loss
+    log = train.fine_tune(learn, 3, lr=1e-3, freeze_epochs=0, progress=False).log
+    first, last = log[0]["train_loss"], log[-1]["train_loss"]  # the loss as trained: mined pairs, proxies
+    assert np.isfinite(last) and last < first, (loss, first, last)
+    emb = features.extract_features(heads.EmbeddingModel(learn.model), folder[0][:4], learn.model.transform,
+                                    progress=False)
+    assert emb.shape == (4, 512)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_m_per_class_batches_hold_groups_of_one_class():
+    import random
+
+    labels = ["a"] * 7 + ["b"] * 4 + ["c"] * 1 + ["d"] * 2
+    order = train.m_per_class_order(labels, 4, random.Random(0))
+    groups = [order[k : k + 4] for k in range(0, len(order), 4)]
+    assert all(len(g) == 4 and len({labels[i] for i in g}) == 1 for g in groups)
+    assert {labels[i] for i in order} == {"a", "b", "d"}, "a class of one image has no positive pair"
+    assert set(range(7)) <= set(order) and {7, 8, 9, 10, 12, 13} <= set(order)
+    assert order != train.m_per_class_order(labels, 4, random.Random(1))
 
 
 def test_training_is_deterministic_on_cpu(folder):

@@ -15,6 +15,10 @@ Wu, BMVC 2019):
   features (the penultimate representation).
 * ``normsoftmax``: pooled features -> LayerNorm (no affine) -> linear to ``embedding_dim``
   -> cosine classifier / temperature; the embedding is the L2-normalised linear output.
+* ``metric``: the same neck, the normalised embedding itself to a metric-learning loss from
+  pytorch-metric-learning (``triplet`` with semi-hard mining as in FaceNet, ``multisimilarity``
+  with its miner, ``proxyanchor``, ``arcface``; any of them with ``loss=``), on batches of 4
+  images per class.
 
 :data:`RECIPES` is the one place the measured training defaults live (README, "Quality"):
 ``train.create_learner`` / ``train.fine_tune`` fill their unset arguments from the entry of
@@ -42,6 +46,7 @@ __all__ = [
     "RECIPES",
     "EmbeddingModel",
     "HeadParts",
+    "MetricLoss",
     "SimilarityNet",
     "create_loss",
     "recipe",
@@ -82,6 +87,8 @@ class HeadParts:
         logits: ``classifier`` gives class logits (fastai then also reports accuracy).
         balanced_batches: train on class-balanced batches (each image drawn with weight
             1 / its class size) rather than shuffled ones.
+        m_per_class: train on batches made of groups of this many images of one class (what
+            pair-based losses and their miners need: positives in every batch); 0: off.
     """
 
     neck: nn.Module
@@ -91,6 +98,7 @@ class HeadParts:
     loss: str = "cross_entropy"
     logits: bool = True
     balanced_batches: bool = False
+    m_per_class: int = 0
 
 
 HeadFactory = Callable[..., HeadParts]
@@ -204,6 +212,76 @@ def cross_entropy_loss(n_classes: int, embedding_dim: int):
     return CrossEntropyLossFlat()
 
 
+# ---------------------------------------------------------------------------- metric learning
+@register_head("metric")
+def metric_head(width: int, n_classes: int, *, embedding_dim: int | None = None, temperature: float = 0.05,
+                dropout: float = 0.2) -> HeadParts:
+    """For metric-learning losses: LayerNorm + linear to ``embedding_dim`` (default 512), the
+    L2-normalised embedding itself goes to the loss (default ``multisimilarity``), batches of
+    4 images per class."""
+    dim = int(embedding_dim or 512)
+    neck = nn.Sequential(nn.LayerNorm(width, elementwise_affine=False), nn.Linear(width, dim))
+    return HeadParts(neck, _Normalize(), embedding_dim=dim, normalize=True, loss="multisimilarity", logits=False,
+                     m_per_class=4)
+
+
+class _Normalize(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=1)
+
+
+class MetricLoss(nn.Module):
+    """A pytorch-metric-learning loss (and miner) as ``loss(embeddings, labels)``; its own
+    parameters (proxies, class centres) are trained with the head."""
+
+    def __init__(self, loss: nn.Module, miner: nn.Module | None = None):
+        super().__init__()
+        self.loss, self.miner = loss, miner
+
+    def forward(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        output = output.as_subclass(torch.Tensor).float()  # fastai's tensor subclasses, amp's float16
+        target = target.as_subclass(torch.Tensor).long().view(-1)
+        return self.loss(output, target, self.miner(output, target) if self.miner is not None else None)
+
+
+def _pml():
+    try:
+        from pytorch_metric_learning import losses, miners
+    except ImportError as exc:
+        raise ImportError("Metric-learning losses need pytorch-metric-learning: pip install 'utils_cv[metric]' "
+                          "(or pip install pytorch-metric-learning).") from exc
+    return losses, miners
+
+
+@register_loss("triplet")
+def triplet_loss(n_classes: int, embedding_dim: int):
+    """FaceNet's triplet loss (margin 0.2) on semi-hard triplets of the batch."""
+    losses, miners = _pml()
+    return MetricLoss(losses.TripletMarginLoss(margin=0.2), miners.TripletMarginMiner(margin=0.2,
+                                                                                      type_of_triplets="semihard"))
+
+
+@register_loss("multisimilarity")
+def multisimilarity_loss(n_classes: int, embedding_dim: int):
+    """Multi-similarity loss (alpha 2, beta 50, base 0.5) with its pair miner (epsilon 0.1)."""
+    losses, miners = _pml()
+    return MetricLoss(losses.MultiSimilarityLoss(alpha=2, beta=50, base=0.5), miners.MultiSimilarityMiner(0.1))
+
+
+@register_loss("proxyanchor")
+def proxyanchor_loss(n_classes: int, embedding_dim: int):
+    """Proxy-Anchor loss (margin 0.1, alpha 32): one learned proxy per class."""
+    losses, _ = _pml()
+    return MetricLoss(losses.ProxyAnchorLoss(n_classes, embedding_dim, margin=0.1, alpha=32))
+
+
+@register_loss("arcface")
+def arcface_loss(n_classes: int, embedding_dim: int):
+    """ArcFace (additive angular margin 28.6 degrees, scale 64) with learned class centres."""
+    losses, _ = _pml()
+    return MetricLoss(losses.ArcFaceLoss(n_classes, embedding_dim, margin=28.6, scale=64))
+
+
 # ---------------------------------------------------------------------------- the network
 class SimilarityNet(nn.Module):
     """Backbone + head. ``forward`` gives what the loss takes (class logits for the softmax
@@ -230,6 +308,7 @@ class SimilarityNet(nn.Module):
         self.normalize = bool(parts.normalize)
         self.default_loss, self.logits = parts.loss, bool(parts.logits)
         self.balanced_batches = bool(parts.balanced_batches)
+        self.m_per_class = int(parts.m_per_class)
         self.transform = transform
         self.config = dict(config or {})
 

@@ -221,6 +221,9 @@ def create_learner(
                                              pin_memory=device.type == "cuda")
         else:
             dls = block.dataloaders(items, bs=batch_size, num_workers=0, device=device, pin_memory=device.type == "cuda")
+        if net.m_per_class:  # groups of m images of one class, in a new random order each epoch
+            ys = [labels[i] for i in dls.train.dataset.items]
+            dls.train.get_idxs = lambda dl=dls.train: m_per_class_order(ys, net.m_per_class, dl.rng)
     if not validate_every_epoch:
         retrieval = ([], [])
     cbs = [RetrievalValidation(retrieval[0], retrieval[1], transform, skipped=skipped)]
@@ -238,6 +241,27 @@ def create_learner(
     # the retrieval validation logs one line per epoch in the numbering of the result's log
     learner.logger = lambda row: logger.debug("fastai row: %s", row)
     return learner
+
+
+def m_per_class_order(labels: Sequence, m: int, rng) -> list[int]:
+    """One epoch's order of the positions of ``labels``: each class's images shuffled and cut
+    into groups of ``m`` (a short last group topped up with images of its class drawn again),
+    the groups shuffled. Every batch then holds positives for pair-based losses and miners;
+    classes with a single image cannot be a positive pair and are left out."""
+    by_class: dict = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    groups = []
+    for members in by_class.values():
+        if len(members) < 2:
+            continue
+        members = list(members)
+        rng.shuffle(members)
+        for g in range(0, len(members), m):
+            group = members[g : g + m]
+            groups.append(group + [rng.choice(members) for _ in range(m - len(group))])
+    rng.shuffle(groups)
+    return [i for group in groups for i in group]
 
 
 # ---------------------------------------------------------------------------- training
