@@ -92,10 +92,10 @@ def test_heads_and_losses_can_be_passed_as_objects(folder):
 
 def test_unknown_or_duplicate_names_are_refused(folder):
     paths, labels = folder
-    with pytest.raises(ValueError, match=r"'head' parameter must be one of \['normsoftmax', 'softmax'"):
+    with pytest.raises(ValueError, match=r"'head' parameter must be one of \['metric', 'normsoftmax', 'softmax'"):
         train.create_learner(paths, labels, head="arcface", pretrained=False)
     with pytest.raises(ValueError, match="'loss' parameter must be one of"):
-        train.create_learner(paths, labels, loss="triplet", pretrained=False)
+        train.create_learner(paths, labels, loss="lifted_structure", pretrained=False)
     with pytest.raises(ValueError, match="already registered"):
         heads.register_head("softmax")(_embedding_head)
     with pytest.raises(TypeError, match="must return heads.HeadParts"):
