@@ -225,11 +225,9 @@ def index_folder(folder: str | os.PathLike, out: str | os.PathLike, model: str |
     start = time.perf_counter()
     root, out = check_folders(folder, out, backend)
     spec = model_spec(model, backbone, weights)
-    import torch
-
     from utils_cv.similarity.runtime import check_runtime
 
-    check_runtime(runtime, precision, torch.device("cpu"))
+    check_runtime(runtime, precision)  # before any work; the exported runtimes run on the CPU, as here
     if precision != "fp32":
         spec["precision"] = precision
     scan = data_mod.scan_images(root, labelled=False)

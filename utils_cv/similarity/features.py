@@ -49,6 +49,12 @@ def _embedding_module(model) -> nn.Module:
 _CPU_CHUNK = 4
 
 
+def _count_or_none(value, name: str):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"The {name!r} parameter must be an integer >= 0 or None. Got {value!r} instead.")
+    return value
+
+
 def _positive(value, name: str, allow_none: bool = False):
     if value is None and allow_none:
         return None
@@ -134,14 +140,8 @@ class FeatureExtractor:
         # big photos decode at a reduced scale that still covers the transform's resize
         self.min_size = min_side(transform) if fast_decode else None
         self.batch_size = _positive(batch_size, "batch_size")
-        if num_workers is not None and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
-                                        or num_workers < 0):
-            raise ValueError(f"The 'num_workers' parameter must be an integer >= 0 or None. Got {num_workers!r}.")
-        self.num_workers = num_workers
-        if decode_threads is not None and (isinstance(decode_threads, bool) or not isinstance(decode_threads, int)
-                                           or decode_threads < 0):
-            raise ValueError(f"The 'decode_threads' parameter must be an integer >= 0 or None. Got {decode_threads!r}.")
-        self.decode_threads = decode_threads
+        self.num_workers = _count_or_none(num_workers, "num_workers")
+        self.decode_threads = _count_or_none(decode_threads, "decode_threads")
         if device is None:
             param = next(module.parameters(), None)
             self.device = param.device if param is not None else torch.device("cpu")

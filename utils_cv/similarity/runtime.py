@@ -44,9 +44,10 @@ CALIBRATION_IMAGES = 256  # default number of images for int8 calibration
 _PACKAGES = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}
 
 
-def check_runtime(runtime: str, precision: str, device: torch.device) -> None:
+def check_runtime(runtime: str, precision: str, device: torch.device | None = None) -> None:
     """Refuse an unknown runtime or precision, a precision the runtime does not offer, an
-    exported runtime on another device than the CPU, or one whose package is missing."""
+    exported runtime on another ``device`` than the CPU (None: the CPU), or one whose package
+    is missing."""
     if runtime not in RUNTIMES:
         raise ValueError(f"The 'runtime' parameter must be one of {list(RUNTIMES)}. Got {runtime!r} instead.")
     if precision not in PRECISIONS[runtime]:
@@ -54,7 +55,7 @@ def check_runtime(runtime: str, precision: str, device: torch.device) -> None:
                          f"runtime={runtime!r}. Got {precision!r} instead.")
     if runtime == "torch":
         return
-    if device.type != "cpu":
+    if device is not None and device.type != "cpu":
         raise ValueError(f"runtime={runtime!r} runs on the CPU; on {device.type} use runtime='torch' (the GPU "
                          "path), or pass device='cpu'.")
     package, extra = _PACKAGES[runtime]
@@ -119,18 +120,9 @@ def _digest(module: nn.Module, shape: tuple) -> str:
     return h.hexdigest()[:32]
 
 
-def _write_atomic(path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def export_onnx(module: nn.Module, shape: tuple) -> "os.PathLike":
     """The cached ONNX file of ``module`` for inputs (B, *shape), exported when missing."""
-    from utils_cv.common.paths import cache_dir
+    from utils_cv.common.paths import atomic_write, cache_dir
 
     path = cache_dir("exported") / f"{_digest(module, shape)}.onnx"
     if path.is_file():
@@ -139,10 +131,11 @@ def export_onnx(module: nn.Module, shape: tuple) -> "os.PathLike":
     example = torch.zeros((2, *shape))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice: it is the stable one here
-        torch.onnx.export(module.float().cpu(), (example,), buf, input_names=["images"], output_names=["features"],
+        torch.onnx.export(module, (example,), buf, input_names=["images"], output_names=["features"],
                           dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, opset_version=OPSET,
                           dynamo=False)
-    _write_atomic(path, buf.getvalue())
+    with atomic_write(path) as f:
+        f.write(buf.getvalue())
     logger.info("exported the model for inputs %s to %s", shape, path)
     return path
 
