@@ -231,7 +231,11 @@ class SimilarityIndex:
         from utils_cv.common.versions import library_versions
 
         path = Path(path)
-        storage.check_save_target(path)
+        if path.parent.is_dir():  # under the shared lock: another process's swap is never seen half done
+            with storage.locked(path, shared=True):
+                storage.check_save_target(path)
+        else:
+            storage.check_save_target(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = storage.new_folder(path.parent, path.name)
         try:
