@@ -127,3 +127,41 @@ def test_decoding_threads_give_the_same_rows_order_and_skips(image_folder, backb
         threaded.extract(items, progress=False)
     with pytest.raises(ValueError, match="'decode_threads'"):
         features.FeatureExtractor(net, tf, decode_threads=-1)
+
+
+def test_a_cached_export_is_used_without_preparing_the_model_again(images, cache_dir):
+    pytest.importorskip("onnxruntime")
+    net, tf = model.create_backbone(pretrained=False, image_size=64)
+    calls = []
+
+    def prepare():
+        calls.append(1)
+        return runtime.prepared(net, torch.device("cpu"), True, False)
+
+    batch = torch.stack([tf(data.load_image(p)) for p in images[:3]])
+    first = runtime.ExportedModel(net, "onnx", prepare=prepare, tag="t")(batch)
+    assert len(calls) == 1
+    second = runtime.ExportedModel(net, "onnx", prepare=prepare, tag="t")(batch)
+    assert len(calls) == 1, "the export of unchanged weights is found without a new inference copy"
+    torch.testing.assert_close(first, second)
+    runtime.ExportedModel(net, "onnx", prepare=prepare, tag="other")(batch)
+    assert len(calls) == 2, "another preparation is another export"
+
+
+def test_warm_up_builds_in_the_background_and_hands_over_its_error(images, cache_dir):
+    pytest.importorskip("onnxruntime")
+    net, tf = model.create_backbone(pretrained=False, image_size=64)
+    batch = torch.stack([tf(data.load_image(p)) for p in images[:2]])
+    reference = runtime.ExportedModel(net, "onnx")(batch)
+    warmed = runtime.ExportedModel(net, "onnx")
+    warmed.warm_up(tuple(batch.shape[1:]))
+    torch.testing.assert_close(warmed(batch), reference)
+
+    def broken():
+        raise RuntimeError("cannot prepare")
+
+    failing = runtime.ExportedModel(net, "onnx", prepare=broken, tag="broken")
+    failing.warm_up(tuple(batch.shape[1:]))
+    for _ in range(2):  # the first call gets the background build's error, the next one tries again
+        with pytest.raises(RuntimeError, match="cannot prepare"):
+            failing(batch)

@@ -105,9 +105,16 @@ def _split_component(members: np.ndarray, neighbours: dict, dist: dict) -> list[
 
 # ---------------------------------------------------------------------------- perceptual hashes
 def _uniform_lines(lines: np.ndarray) -> int:
-    """How many lines of ``lines`` (from an edge inward) are of the first line's colour."""
-    ok = (np.abs(lines - np.median(lines[0])) <= _BORDER_TOLERANCE).mean(axis=1) >= _BORDER_SHARE
-    return len(ok) if ok.all() else int(np.argmin(ok))
+    """How many lines of ``lines`` (from an edge inward) are of the first line's colour.
+    Lines are tested in growing chunks from the edge: most images stop at the first chunk."""
+    ref = np.median(lines[0])
+    start, step = 0, 8
+    while start < len(lines):
+        ok = (np.abs(lines[start:start + step] - ref) <= _BORDER_TOLERANCE).mean(axis=1) >= _BORDER_SHARE
+        if not ok.all():
+            return start + int(np.argmin(ok))
+        start, step = start + step, 2 * step
+    return len(lines)
 
 
 def trim_borders(image, rounds: int = 4, min_side: int = 8):

@@ -156,9 +156,14 @@ class FeatureExtractor:
         rt.check_runtime(runtime, precision, self.device)
         self.runtime, self.precision = runtime, precision
         self.channels_last = self.device.type == "cpu" and runtime == "torch"
-        self._module = rt.prepared(module, self.device, bool(fold_bn), self.device.type == "cpu")
-        self._model = self._module if runtime == "torch" else rt.ExportedModel(
-            self._module, runtime, precision, calibration=lambda: self._calibration(calibration))
+        cpu = self.device.type == "cpu"
+        if runtime == "torch":
+            self._module = self._model = rt.prepared(module, self.device, bool(fold_bn), cpu)
+        else:  # the inference copy is prepared only when no export of this model is cached
+            self._module = module
+            self._model = rt.ExportedModel(
+                module, runtime, precision, calibration=lambda: self._calibration(calibration),
+                prepare=lambda: rt.prepared(module, self.device, bool(fold_bn), cpu), tag=f"fold_bn={bool(fold_bn)}")
 
     def extract(self, items: Sequence, on_error: str = "raise", progress: bool = True,
                 hashes: bool = False) -> Extraction:
@@ -192,6 +197,8 @@ class FeatureExtractor:
         if hashes:
             from utils_cv.similarity.dedup import try_perceptual_hash as hash_fn
         dataset = ImageDataset(items, self.transform, self.min_size, hash_fn)
+        if self.runtime != "torch" and (shape := self._input_shape()) is not None:
+            self._model.warm_up(shape)  # exported or compiled while the first images decode
         threads = self.decode_threads
         if threads is None:  # measured: threads pay beside the exported runtimes, not beside eager torch
             threads = 2 if self.runtime != "torch" and workers == 0 and len(items) > self.batch_size else 0
@@ -243,6 +250,17 @@ class FeatureExtractor:
             paths, _ = data.list_images(data.default_dataset())
             items = paths[:: max(1, len(paths) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]
         return torch.stack([self.transform(to_rgb_image(it, self.min_size)) for it in items]).numpy()
+
+    def _input_shape(self) -> tuple | None:
+        """The transform's output shape when it does not depend on the image's size (crops)."""
+        from PIL import Image
+
+        try:
+            shapes = {tuple(self.transform(Image.new("RGB", size, (128, 128, 128))).shape)
+                      for size in ((320, 240), (240, 320))}
+        except Exception:  # noqa: BLE001 - a transform that needs real images: built on first use
+            return None
+        return shapes.pop() if len(shapes) == 1 else None
 
     def _width(self) -> int:
         from utils_cv.similarity.model import num_features

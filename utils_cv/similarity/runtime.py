@@ -28,6 +28,8 @@ import os
 import threading
 import warnings
 import weakref
+from concurrent.futures import Future
+from typing import Callable
 
 import numpy as np
 import torch
@@ -111,22 +113,29 @@ def prepared(module: nn.Module, device: torch.device, fold_bn: bool, channels_la
 
 
 # ---------------------------------------------------------------------------- exported runtimes
-def _digest(module: nn.Module, shape: tuple) -> str:
+def _digest(module: nn.Module, shape: tuple, tag: str = "") -> str:
     h = hashlib.sha256(f"{type(module).__module__}.{type(module).__qualname__}|{shape}|{OPSET}|"
-                       f"{torch.__version__}|{module}".encode())
+                       f"{torch.__version__}|{tag}|{module}".encode())
     for name, t in module.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:32]
 
 
-def export_onnx(module: nn.Module, shape: tuple) -> "os.PathLike":
-    """The cached ONNX file of ``module`` for inputs (B, *shape), exported when missing."""
+def export_onnx(module: nn.Module, shape: tuple, prepare: Callable[[], nn.Module] | None = None,
+                tag: str = "") -> "os.PathLike":
+    """The cached ONNX file of ``module`` for inputs (B, *shape), exported when missing.
+
+    ``prepare`` gives the copy actually exported (e.g. :func:`prepared`'s, batch norms folded)
+    and is called only when the file is missing; the file is named by ``module``'s weights,
+    structure and ``tag`` (what ``prepare`` does), so a cached export costs no preparation."""
     from utils_cv.common.paths import atomic_write, cache_dir
 
-    path = cache_dir("exported") / f"{_digest(module, shape)}.onnx"
+    path = cache_dir("exported") / f"{_digest(module, shape, tag)}.onnx"
     if path.is_file():
         return path
+    if prepare is not None:
+        module = prepare()
     buf = io.BytesIO()
     example = torch.zeros((2, *shape))
     with warnings.catch_warnings(), torch.no_grad():
@@ -182,33 +191,62 @@ class ExportedModel:
     input shape, made on first use (see the module doc).
 
     Args:
-        module: the prepared eager copy (:func:`prepared`).
+        module: the model to run; its weights when a shape is first built are exported.
         runtime: ``"onnx"`` or ``"openvino"``.
         precision: see :data:`PRECISIONS`.
         calibration: for ``int8``, a callable giving the preprocessed calibration batch
             ((N, C, H, W) float32) when first needed.
         threads: intra-op threads (default: ``torch.get_num_threads()``).
+        prepare: gives the inference copy to export (default: ``module`` itself); called only
+            when no cached export exists, which ``tag`` (what ``prepare`` does) helps name.
     """
 
     def __init__(self, module: nn.Module, runtime: str, precision: str = "fp32", calibration=None,
-                 threads: int | None = None):
+                 threads: int | None = None, prepare: Callable[[], nn.Module] | None = None, tag: str = ""):
         self.module, self.runtime, self.precision = module, runtime, precision
         self.calibration = calibration
         self.threads = threads or torch.get_num_threads()
+        self.prepare, self.tag = prepare, tag
         self._runners: dict = {}
         self._lock = threading.Lock()
+
+    def warm_up(self, shape: tuple) -> None:
+        """Start making the runner for inputs (B, *shape) in a background thread, so that the
+        export or compilation overlaps with decoding the first images; the first call for that
+        shape waits for it (and raises its error, if any)."""
+        shape = tuple(shape)
+        with self._lock:
+            if shape in self._runners:
+                return
+            future = self._runners[shape] = Future()
+
+        def build():
+            try:
+                future.set_result(self._build(shape))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller that waits for it
+                future.set_exception(exc)
+
+        threading.Thread(target=build, name="utils_cv-export", daemon=True).start()
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         shape = tuple(batch.shape[1:])
         runner = self._runners.get(shape)
         if runner is None:
             with self._lock:
-                runner = self._runners.get(shape) or self._build(shape)
-                self._runners[shape] = runner
+                runner = self._runners.get(shape)
+                if runner is None:
+                    runner = self._runners[shape] = self._build(shape)
+        if isinstance(runner, Future):
+            try:
+                runner = runner.result()
+            except BaseException:
+                with self._lock:  # the next call tries again
+                    self._runners.pop(shape, None)
+                raise
         return torch.from_numpy(runner(np.ascontiguousarray(batch.float().numpy())))
 
     def _build(self, shape: tuple):
-        path = export_onnx(self.module, shape)
+        path = export_onnx(self.module, shape, self.prepare, self.tag)
         if self.precision == "int8":
             calib = self.calibration() if callable(self.calibration) else self.calibration
             if calib is None or len(calib) == 0:
