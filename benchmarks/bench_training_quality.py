@@ -12,7 +12,8 @@ Rows: ImageNet features (no training, the backbone's own 224 px), fine-tuned sof
 fine-tuned NormSoftmax (``--methods`` adds the metric-learning losses on the ``metric`` head:
 ``"metric triplet"``, ``"metric multisimilarity"``, ``"metric proxyanchor"``, ``"metric
 arcface"``, trained with NormSoftmax's recipe), each with recall@1/2/4/8 and MAP@R on the test
-images.
+images. ``--wise-ft`` adds, for each trained model, the same model after ``robust.wise_ft``
+(its body interpolated with the starting one, the mixing weight chosen by the validation).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import time
 
 import numpy as np
 
-from utils_cv.similarity import data, features, metrics, model, train
+from utils_cv.similarity import data, features, metrics, model, robust, train
 from utils_cv.similarity.heads import RECIPES  # the one source of the recipes measured on the default data set
 
 KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
@@ -36,10 +37,11 @@ METHODS = {**{head: (head, None) for head in RECIPES},  # name -> (head, loss)
            **{f"metric {loss}": ("metric", loss) for loss in ("triplet", "multisimilarity", "proxyanchor", "arcface")}}
 
 
-def _run(name, p_tr, l_tr, p_te, l_te, seeds, valid_for, methods=tuple(RECIPES)):
+def _run(name, p_tr, l_tr, p_te, l_te, seeds, valid_for, methods=tuple(RECIPES), wise=False):
     rows = {}
     net, tf = model.create_backbone()
     rows["ImageNet features (no training)"] = [_evaluate(net, tf, p_te, l_te)]
+    wise_rows = {}
     for method in methods:
         head, loss = METHODS[method]
         recipe = RECIPES.get(head, RECIPES["normsoftmax"])  # the metric head: NormSoftmax's recipe, not tuned
@@ -56,7 +58,16 @@ def _run(name, p_tr, l_tr, p_te, l_te, seeds, valid_for, methods=tuple(RECIPES))
             results.append(r)
             print(f"  {name} {method} seed {seed}: " + ", ".join(f"{k} {r[k]:.3f}" for k in KEYS)
                   + f" ({r['seconds']:.0f} s)", flush=True)
+            if wise:  # the same trained model, its body mixed with the starting one (robust.wise_ft)
+                mix = robust.wise_ft(learn)
+                emb, tf = train.embedding_model(learn)
+                w = _evaluate(emb, tf, p_te, l_te)
+                wise_rows.setdefault(f"fine-tuned {method} + WiSE-FT", []).append(w)
+                print(f"  {name} {method} + WiSE-FT seed {seed}: alpha {mix.alpha:.2f} (validation "
+                      + ", ".join(f"{a:.2f}: {v:.3f}" for a, v in mix.scores.items()) + "): "
+                      + ", ".join(f"{k} {w[k]:.3f}" for k in KEYS), flush=True)
         rows[f"fine-tuned {method}"] = results
+    rows.update(wise_rows)
     print(f"\n{name}: {len(p_tr)} training images, {len(p_te)} test images, seeds {list(seeds)}\n")
     print("| features | " + " | ".join(KEYS) + " |\n|---|" + "---:|" * len(KEYS))
     for row, results in rows.items():
@@ -68,15 +79,15 @@ def _run(name, p_tr, l_tr, p_te, l_te, seeds, valid_for, methods=tuple(RECIPES))
     return rows
 
 
-def same_classes(seeds, methods):
+def same_classes(seeds, methods, wise=False):
     paths, labels = data.list_images(data.default_dataset())
     tr, te = data.split_by_image(paths, labels, test_size=0.2, seed=0)
     pick = lambda idx, xs: [xs[i] for i in idx]  # noqa: E731
     return _run("same classes, default data set", pick(tr, paths), pick(tr, labels), pick(te, paths), pick(te, labels),
-                seeds, valid_for=lambda seed: 0.2, methods=methods)
+                seeds, valid_for=lambda seed: 0.2, methods=methods, wise=wise)
 
 
-def disjoint_classes(seeds, methods):
+def disjoint_classes(seeds, methods, wise=False):
     from build_openclipart import default_location
 
     root = default_location()
@@ -96,7 +107,7 @@ def disjoint_classes(seeds, methods):
     seed = seeds[0]
     fit, _ = data.split_by_class(p_tr, l_tr, test_classes=0.2, seed=seed)  # the classes the learner trains on
     return _run("disjoint classes, openclipart", [p_tr[i] for i in fit], [l_tr[i] for i in fit], p_te, l_te,
-                [seed], valid_for, methods)
+                [seed], valid_for, methods, wise)
 
 
 def main() -> None:
@@ -105,11 +116,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(RECIPES),
                         help="heads (their measured recipes) and metric-learning losses (the metric head)")
+    parser.add_argument("--wise-ft", action="store_true",
+                        help="also each trained model with its body mixed with the starting one (robust.wise_ft)")
     args = parser.parse_args()
     if args.protocol in ("same", "both"):
-        same_classes(args.seeds, args.methods)
+        same_classes(args.seeds, args.methods, args.wise_ft)
     if args.protocol in ("disjoint", "both"):
-        disjoint_classes(args.seeds[:1], args.methods)
+        disjoint_classes(args.seeds[:1], args.methods, args.wise_ft)
 
 
 if __name__ == "__main__":

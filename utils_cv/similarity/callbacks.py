@@ -61,12 +61,14 @@ class RetrievalValidation(Callback):
         self.skipped = list(skipped)
         self.history: list[dict] = []
         self.best_score, self.best_state, self.best_epoch = -1.0, None, None
+        self.start_state = None  # the weights before training (epoch 0), for robust.wise_ft
         counts = {c: self.val_labels.count(c) for c in set(self.val_labels)}
         self.measures = bool(counts) and max(counts.values()) >= 2
         self.active = self.trained_in_fit = self.trained_in_epoch = False
         self.deferred = self.trained_since_restore = False
 
-    def _score(self) -> float:
+    def score(self) -> float:
+        """MAP@R of the validation images with the learner's current weights."""
         net = self.learn.model
         transform = self.transform if self.transform is not None else net.transform
         feats = features_mod.extract_features(EmbeddingModel(net), self.val_paths, transform,
@@ -75,7 +77,9 @@ class RetrievalValidation(Callback):
 
     def _record(self, entry: dict) -> None:
         if self.measures:
-            entry["map@r"] = score = self._score()
+            entry["map@r"] = score = self.score()
+            if entry["epoch"] == 0:
+                self.start_state = copy.deepcopy(self.learn.model.state_dict())
             if score > self.best_score:
                 self.best_score, self.best_epoch = score, entry["epoch"]
                 self.best_state = copy.deepcopy(self.learn.model.state_dict())

@@ -39,6 +39,7 @@ from torch import nn
 from utils_cv.common.device import default_device
 from utils_cv.similarity import data as data_mod
 from utils_cv.similarity import model as model_mod
+from utils_cv.similarity import robust
 from utils_cv.similarity.callbacks import FrozenBatchNormStats, RetrievalValidation, fastai_vision, retrieval_validation
 from utils_cv.similarity.checkpoint import FORMAT, load, save
 from utils_cv.similarity.heads import (DEFAULT_HEAD, HEADS, EmbeddingModel, SimilarityNet, create_loss, head_factory,
@@ -293,6 +294,8 @@ class FineTuneResult(SequenceABC):
         best_score: its validation MAP@R (None without validation images).
         skipped: ``(path, reason)`` for each image left out because it does not decode.
         seconds: wall-clock time of the call.
+        wise_alpha: with ``wise_ft=True``, the mixing weight kept (:func:`robust.wise_ft`);
+            ``wise_scores`` the validation MAP@R of each weight tried.
     """
 
     log: list[dict]
@@ -300,6 +303,8 @@ class FineTuneResult(SequenceABC):
     best_score: float | None = None
     skipped: list = field(default_factory=list)
     seconds: float = 0.0
+    wise_alpha: float | None = None
+    wise_scores: dict = field(default_factory=dict)
 
     def __getitem__(self, i):
         return self.log[i]
@@ -316,7 +321,7 @@ def _count(name: str, value) -> int:
 
 def fine_tune(learner, epochs: int | None = None, lr: float | None = None, freeze_epochs: int | None = None,
               seed: int | None = None, progress: bool = True, lr_mult: float | None = None,
-              freeze_lr: float | None = None) -> FineTuneResult:
+              freeze_lr: float | None = None, wise_ft: bool = False) -> FineTuneResult:
     """fastai one-cycle fine-tuning: ``freeze_epochs`` with the body frozen, then ``epochs``
     with everything training (the body at ``lr / lr_mult``, the head at ``lr``).
 
@@ -334,6 +339,8 @@ def fine_tune(learner, epochs: int | None = None, lr: float | None = None, freez
         progress: fastai's progress bars.
         lr_mult: the body learns ``lr_mult`` times slower than the head once unfrozen.
         freeze_lr: the learning rate of the frozen epochs (fastai's own choice is ``2 * lr``).
+        wise_ft: then interpolate the body between its starting and its best weights, the
+            mixing weight chosen by the retrieval validation (:func:`robust.wise_ft`).
 
     Returns:
         A :class:`FineTuneResult`; the learner's model holds the weights of its best epoch.
@@ -359,11 +366,13 @@ def fine_tune(learner, epochs: int | None = None, lr: float | None = None, freez
         learner.unfreeze()
         if epochs > 0:
             learner.fit_one_cycle(epochs, slice(lr / lr_mult, lr), pct_start=0.3, div=5.0)
+    wise = robust.wise_ft(learner) if wise_ft else None
     if cb is None:
         return FineTuneResult([], seconds=time.perf_counter() - start)
     return FineTuneResult([dict(h) for h in cb.history], best_epoch=cb.best_epoch,
                           best_score=None if cb.best_epoch is None else cb.best_score, skipped=list(cb.skipped),
-                          seconds=time.perf_counter() - start)
+                          seconds=time.perf_counter() - start, wise_alpha=wise.alpha if wise else None,
+                          wise_scores=wise.scores if wise else {})
 
 
 # ---------------------------------------------------------------------------- using
