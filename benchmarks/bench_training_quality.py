@@ -13,7 +13,9 @@ fine-tuned NormSoftmax (``--methods`` adds the metric-learning losses on the ``m
 ``"metric triplet"``, ``"metric multisimilarity"``, ``"metric proxyanchor"``, ``"metric
 arcface"``, trained with NormSoftmax's recipe), each with recall@1/2/4/8 and MAP@R on the test
 images. ``--wise-ft`` adds, for each trained model, the same model after ``robust.wise_ft``
-(its body interpolated with the starting one, the mixing weight chosen by the validation).
+(its body interpolated with the starting one, the mixing weight chosen by the validation);
+``--eval-sizes 224`` evaluates each model at other input sizes too; ``"softmax lp-ft"`` is
+LP-FT: 4 epochs of the head alone, then the softmax recipe with the body at a tenth of its rate.
 """
 from __future__ import annotations
 
@@ -34,40 +36,54 @@ def _evaluate(net, transform, paths, labels):
 
 
 METHODS = {**{head: (head, None) for head in RECIPES},  # name -> (head, loss)
-           **{f"metric {loss}": ("metric", loss) for loss in ("triplet", "multisimilarity", "proxyanchor", "arcface")}}
+           **{f"metric {loss}": ("metric", loss) for loss in ("triplet", "multisimilarity", "proxyanchor", "arcface")},
+           "softmax lp-ft": ("softmax", None)}
+# LP-FT (Kumar et al. 2022): the head trained alone first (the body frozen, a linear probe), then
+# everything gently: the body at a tenth of the softmax recipe's rate
+LP_FT = dict(RECIPES["softmax"], freeze_epochs=4, freeze_lr=1e-2, lr=1e-3, lr_mult=25)
 
 
-def _run(name, p_tr, l_tr, p_te, l_te, seeds, valid_for, methods=tuple(RECIPES), wise=False):
+def _transform(size: int):
+    return model.create_backbone(pretrained=False, image_size=size)[1]
+
+
+def _variants(learn, p_te, l_te, sizes, wise):
+    """(row suffix, test metrics) of the trained model at its training size, at each of ``sizes``,
+    then, with ``wise``, the same after robust.wise_ft; and the WiSE-FT result (or None)."""
+    out, mix = [], None
+    for suffix in ("", " + WiSE-FT") if wise else ("",):
+        if suffix:
+            mix = robust.wise_ft(learn)
+        emb, tf = train.embedding_model(learn)
+        out.append((suffix, _evaluate(emb, tf, p_te, l_te)))
+        out += [(f"{suffix}, evaluated at {size} px", _evaluate(emb, _transform(size), p_te, l_te)) for size in sizes]
+    return out, mix
+
+
+def _run(name, p_tr, l_tr, p_te, l_te, seeds, valid_for, methods=tuple(RECIPES), wise=False, sizes=()):
     rows = {}
     net, tf = model.create_backbone()
     rows["ImageNet features (no training)"] = [_evaluate(net, tf, p_te, l_te)]
-    wise_rows = {}
     for method in methods:
         head, loss = METHODS[method]
-        recipe = RECIPES.get(head, RECIPES["normsoftmax"])  # the metric head: NormSoftmax's recipe, not tuned
-        results = []
+        # the metric head: NormSoftmax's recipe, not tuned
+        recipe = LP_FT if method == "softmax lp-ft" else RECIPES.get(head, RECIPES["normsoftmax"])
         for seed in seeds:
             t = time.perf_counter()
             learn = train.create_learner(p_tr, l_tr, head=head, loss=loss, image_size=recipe["image_size"], seed=seed,
                                          valid=valid_for(seed))
             train.fine_tune(learn, recipe["epochs"], lr=recipe["lr"], freeze_epochs=recipe["freeze_epochs"],
                             freeze_lr=recipe["freeze_lr"], lr_mult=recipe["lr_mult"], progress=False)
-            emb, tf = train.embedding_model(learn)
-            r = _evaluate(emb, tf, p_te, l_te)
-            r["seconds"] = time.perf_counter() - t
-            results.append(r)
-            print(f"  {name} {method} seed {seed}: " + ", ".join(f"{k} {r[k]:.3f}" for k in KEYS)
-                  + f" ({r['seconds']:.0f} s)", flush=True)
-            if wise:  # the same trained model, its body mixed with the starting one (robust.wise_ft)
-                mix = robust.wise_ft(learn)
-                emb, tf = train.embedding_model(learn)
-                w = _evaluate(emb, tf, p_te, l_te)
-                wise_rows.setdefault(f"fine-tuned {method} + WiSE-FT", []).append(w)
-                print(f"  {name} {method} + WiSE-FT seed {seed}: alpha {mix.alpha:.2f} (validation "
-                      + ", ".join(f"{a:.2f}: {v:.3f}" for a, v in mix.scores.items()) + "): "
-                      + ", ".join(f"{k} {w[k]:.3f}" for k in KEYS), flush=True)
-        rows[f"fine-tuned {method}"] = results
-    rows.update(wise_rows)
+            seconds = time.perf_counter() - t
+            variants, mix = _variants(learn, p_te, l_te, sizes, wise)
+            for suffix, r in variants:
+                r["seconds"] = seconds
+                rows.setdefault(f"fine-tuned {method}{suffix}", []).append(r)
+                print(f"  {name} {method}{suffix} seed {seed}: " + ", ".join(f"{k} {r[k]:.3f}" for k in KEYS)
+                      + (f" ({seconds:.0f} s training)" if not suffix else ""), flush=True)
+            if mix is not None:
+                print(f"  {name} {method} seed {seed}: WiSE-FT kept alpha {mix.alpha:.2f} (validation MAP@R "
+                      + ", ".join(f"{a:.2f}: {v:.3f}" for a, v in mix.scores.items()) + ")", flush=True)
     print(f"\n{name}: {len(p_tr)} training images, {len(p_te)} test images, seeds {list(seeds)}\n")
     print("| features | " + " | ".join(KEYS) + " |\n|---|" + "---:|" * len(KEYS))
     for row, results in rows.items():
@@ -79,15 +95,15 @@ def _run(name, p_tr, l_tr, p_te, l_te, seeds, valid_for, methods=tuple(RECIPES),
     return rows
 
 
-def same_classes(seeds, methods, wise=False):
+def same_classes(seeds, methods, wise=False, sizes=()):
     paths, labels = data.list_images(data.default_dataset())
     tr, te = data.split_by_image(paths, labels, test_size=0.2, seed=0)
     pick = lambda idx, xs: [xs[i] for i in idx]  # noqa: E731
     return _run("same classes, default data set", pick(tr, paths), pick(tr, labels), pick(te, paths), pick(te, labels),
-                seeds, valid_for=lambda seed: 0.2, methods=methods, wise=wise)
+                seeds, valid_for=lambda seed: 0.2, methods=methods, wise=wise, sizes=sizes)
 
 
-def disjoint_classes(seeds, methods, wise=False):
+def disjoint_classes(seeds, methods, wise=False, sizes=()):
     from build_openclipart import default_location
 
     root = default_location()
@@ -107,7 +123,7 @@ def disjoint_classes(seeds, methods, wise=False):
     seed = seeds[0]
     fit, _ = data.split_by_class(p_tr, l_tr, test_classes=0.2, seed=seed)  # the classes the learner trains on
     return _run("disjoint classes, openclipart", [p_tr[i] for i in fit], [l_tr[i] for i in fit], p_te, l_te,
-                [seed], valid_for, methods, wise)
+                [seed], valid_for, methods, wise, sizes)
 
 
 def main() -> None:
@@ -118,11 +134,13 @@ def main() -> None:
                         help="heads (their measured recipes) and metric-learning losses (the metric head)")
     parser.add_argument("--wise-ft", action="store_true",
                         help="also each trained model with its body mixed with the starting one (robust.wise_ft)")
+    parser.add_argument("--eval-sizes", type=int, nargs="*", default=[],
+                        help="also evaluate each trained model at these input sizes (px), besides its training size")
     args = parser.parse_args()
     if args.protocol in ("same", "both"):
-        same_classes(args.seeds, args.methods, args.wise_ft)
+        same_classes(args.seeds, args.methods, args.wise_ft, args.eval_sizes)
     if args.protocol in ("disjoint", "both"):
-        disjoint_classes(args.seeds[:1], args.methods, args.wise_ft)
+        disjoint_classes(args.seeds[:1], args.methods, args.wise_ft, args.eval_sizes)
 
 
 if __name__ == "__main__":

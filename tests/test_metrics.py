@@ -260,3 +260,11 @@ def test_rung_keys_order_as_row_then_distance_negative_and_signed_zero_included(
     assert (np.diff(keys[order]) >= 0).all()
     same = (rows[:, None] == rows[None, :]) & (values[:, None] == values[None, :])
     assert ((keys[:, None] == keys[None, :]) == same).all()  # equal keys exactly for equal distances (0.0 == -0.0)
+
+
+def test_keys_give_their_distances_back():
+    rng = np.random.default_rng(4)
+    values = np.concatenate([rng.normal(scale=4, size=400), [0.0, -0.0, 1e-45, -1e-45, 3e38, -3e38]]).astype(np.float32)
+    back = ranking._distances(ranking._keys(rng.integers(0, 9, len(values)), values))
+    assert back.dtype == np.float32
+    assert (back.view(np.int32) == (values + np.float32(0.0)).view(np.int32)).all()  # bit for bit, -0.0 as 0.0

@@ -17,8 +17,8 @@ farthest relevant item. So:
    multiply-adds). In a tile, only entries at or under their row's threshold are looked at
    (about 2% of them at 100,000 x 128 in 1,000 classes); each non-relevant one is placed on
    its row's ladder and counted on that rung. The placing is one ``searchsorted`` for all
-   candidates of a tile: rungs and candidates become int64 keys ordered as (row, distance)
-   (:func:`_keys`). Exact ties with a relevant item go by index. When only ranks within R
+   candidates of a tile: rungs (stored so) and candidates are int64 keys ordered as (row,
+   distance) (:func:`_keys`). Exact ties with a relevant item go by index. When only ranks within R
    matter (R-precision, MAP@R), a row's threshold falls once R items are known to be closer
    (checked after a block of rows has gained about 8 counts per row: checking costs a pass
    over their ladders).
@@ -31,8 +31,8 @@ large products, and every tile, compute a distance the same way and no pass over
 spent turning products into distances. Values agree with ``|x - y|^2`` to float32 rounding.
 The product, the one comparison of every entry with its row's threshold and the placing run
 on torch (all cores); the rest of a tile's work, on its few candidates, on numpy.
-Memory: one tile, and per relevant (query, item) pair a distance and a count (8 bytes; the
-ranks that come out take 8); operands are made a tile at a time from the caller's rows. When
+Memory: one tile, and per relevant (query, item) pair a (row, distance) key and a count (12
+bytes; the ranks that come out take 8); operands are made a tile at a time from the caller's rows. When
 the pairs would pass ``_STATE_BYTES`` the queries are taken in chunks, each against the whole
 reference (then without the symmetric saving).
 """
@@ -123,9 +123,16 @@ def _keys(rows: np.ndarray, values: np.ndarray) -> np.ndarray:
     return (rows.astype(np.int64) << 32) | order
 
 
+def _distances(keys: np.ndarray) -> np.ndarray:
+    """The float32 distances of :func:`_keys` (the inverse of its lower 32 bits)."""
+    m = (keys & 0xFFFFFFFF) - (1 << 31)
+    return np.where(m >= 0, m, (-m) | 0x80000000).astype(np.uint32).view(np.float32)
+
+
 class _Ladders:
-    """Each chunk row's relevant distances, sorted (the rungs, one flat array with ``offsets``),
-    the reference index of each rung (for ties), and the non-relevant items counted on each."""
+    """Each chunk row's relevant distances, sorted (the rungs, one flat array with ``offsets``,
+    held as :func:`_keys` of (chunk row, distance) so that candidates are placed without
+    rebuilding them), and the non-relevant items counted on each."""
 
     def __init__(self, left: _Operands, right: _Operands, row_cls, col_cls, col_orig, rows: slice, loo: bool,
                  depth: str):
@@ -142,7 +149,7 @@ class _Ladders:
         np.cumsum(lengths, out=offsets[1:])
         self.offsets = offsets
         total = int(offsets[-1])
-        self.values = np.empty(total, dtype=np.float32)
+        self.keys = np.empty(total, dtype=np.int64)
         self.counts = np.zeros(total, dtype=np.int32)
         self.threshold = np.full(n_rows, -np.inf, dtype=np.float32)
         self._mask = np.empty(_TILE * _TILE, dtype=bool)
@@ -161,9 +168,8 @@ class _Ladders:
                     d = d[keep].reshape(e - s, m - 1)
                 order = np.argsort(d, axis=1, kind="stable")[:, : lengths[a]]  # columns are in index order
                 d = np.take_along_axis(d, order, 1)
-                self.values[offsets[s] : offsets[e]] = d.reshape(-1)
+                self.keys[offsets[s] : offsets[e]] = _keys(np.repeat(np.arange(s, e), lengths[a]), d.reshape(-1))
                 self.threshold[s:e] = d[:, -1]
-        self._lengths = lengths
 
     def count(self, d: np.ndarray, r0: int, c0: int, row_cls, col_cls, by_columns: bool) -> None:
         """Count the non-relevant candidates of tile ``d``: its rows are chunk rows ``r0...``
@@ -188,10 +194,9 @@ class _Ladders:
             if len(r) == 0:
                 return
         # each candidate placed on its own row's rungs: the first rung not below it
-        # (keys of this tile's rows only, made here: kept for every row they would double the state)
         lo, hi = self.offsets[r0], self.offsets[r0 + n]
-        rungs = _keys(np.repeat(np.arange(n), self._lengths[r0 : r0 + n]), self.values[lo:hi])
-        k = _keys(r - r0, v)
+        rungs = self.keys[lo:hi]
+        k = _keys(r, v)
         pos = torch.searchsorted(torch.from_numpy(rungs), torch.from_numpy(k)).numpy()
         tied = pos < hi - lo
         tied &= rungs[np.minimum(pos, hi - lo - 1)] == k
@@ -239,11 +244,11 @@ class _Ladders:
         short = ahead < np.repeat(self.num_relevant[r0 : r0 + n], lengths)
         has = lengths > 0
         first_enough = np.add.reduceat(short, starts[has])
-        self.threshold[r0 : r0 + n][has] = self.values[lo + starts[has] + first_enough]
+        self.threshold[r0 : r0 + n][has] = _distances(self.keys[lo + starts[has] + first_enough])
 
     def ranks(self) -> np.ndarray:
         """Rank of rung i (0-based) of a row: i + 1 + non-relevant items counted on rungs 0..i."""
-        del self.values
+        del self.keys
         out = self.counts.cumsum(dtype=np.int64)
         del self.counts
         offsets = self.offsets
