@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from utils_cv.similarity import data, features, metrics, model, robust, train
+from utils_cv.similarity.callbacks import retrieval_validation
 from utils_cv.similarity.heads import RECIPES  # the one source of the recipes measured on the default data set
 
 KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
@@ -35,7 +36,7 @@ def _evaluate(net, transform, paths, labels):
     return metrics.evaluate_retrieval(features.extract_features(net, paths, transform, progress=False), labels)
 
 
-METHODS = {**{head: (head, None) for head in RECIPES},  # name -> (head, loss)
+METHODS = {**{head: (head, None) for head in ("softmax", "normsoftmax")},  # name -> (head, loss)
            **{f"metric {loss}": ("metric", loss) for loss in ("triplet", "multisimilarity", "proxyanchor", "arcface")},
            "softmax lp-ft": ("softmax", None)}
 # LP-FT (Kumar et al. 2022): the head trained alone first (the body frozen, a linear probe), then
@@ -53,6 +54,13 @@ def _variants(learn, p_te, l_te, sizes, wise):
     out, mix = [], None
     for suffix in ("", " + WiSE-FT") if wise else ("",):
         if suffix:
+            trained = {k: v.clone() for k, v in learn.model.state_dict().items()}
+            start = retrieval_validation(learn).start_state
+            for alpha in robust.ALPHAS:  # what each fixed mixing weight does on the test classes
+                learn.model.load_state_dict(robust.interpolate(start, trained, alpha))
+                r = _evaluate(*train.embedding_model(learn), p_te, l_te)
+                print(f"    test at WiSE-FT alpha {alpha:.2f}: " + ", ".join(f"{k} {r[k]:.3f}" for k in KEYS), flush=True)
+            learn.model.load_state_dict(trained)
             mix = robust.wise_ft(learn)
         emb, tf = train.embedding_model(learn)
         out.append((suffix, _evaluate(emb, tf, p_te, l_te)))
@@ -60,14 +68,13 @@ def _variants(learn, p_te, l_te, sizes, wise):
     return out, mix
 
 
-def _run(name, p_tr, l_tr, p_te, l_te, seeds, valid_for, methods=tuple(RECIPES), wise=False, sizes=()):
+def _run(name, p_tr, l_tr, p_te, l_te, seeds, valid_for, methods=("softmax", "normsoftmax"), wise=False, sizes=()):
     rows = {}
     net, tf = model.create_backbone()
     rows["ImageNet features (no training)"] = [_evaluate(net, tf, p_te, l_te)]
     for method in methods:
         head, loss = METHODS[method]
-        # the metric head: NormSoftmax's recipe, not tuned
-        recipe = LP_FT if method == "softmax lp-ft" else RECIPES.get(head, RECIPES["normsoftmax"])
+        recipe = LP_FT if method == "softmax lp-ft" else RECIPES[head]  # the metric head's: NormSoftmax's
         for seed in seeds:
             t = time.perf_counter()
             learn = train.create_learner(p_tr, l_tr, head=head, loss=loss, image_size=recipe["image_size"], seed=seed,
@@ -130,7 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--protocol", choices=["same", "disjoint", "both"], default="both")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(RECIPES),
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=["softmax", "normsoftmax"],
                         help="heads (their measured recipes) and metric-learning losses (the metric head)")
     parser.add_argument("--wise-ft", action="store_true",
                         help="also each trained model with its body mixed with the starting one (robust.wise_ft)")

@@ -54,3 +54,12 @@ def test_baseline_and_bad_recipes(split):
         experiment.run(*split, head="arcface")
     with pytest.raises(ValueError, match="'grid'"):
         experiment.sweep(*split, grid={})
+
+
+def test_run_with_a_metric_learning_loss_and_wise_ft(split):
+    # the test half validates (held-out paths), so that WiSE-FT has a MAP@R to choose by
+    r = experiment.run(*split, head="metric", loss="proxyanchor", valid=(split[2], split[3]), wise_ft=True, **TINY)
+    assert r["model"] == "metric proxyanchor" and r["loss"] == "proxyanchor" and r["embedding_dim"] == 512
+    assert r["lr_mult"] == 10, "the metric head's recipe is NormSoftmax's"
+    assert r["wise_alpha"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert 0 <= r["map@r"] <= 1 and r["log"][0]["epoch"] == 0

@@ -85,7 +85,7 @@ def imagenet_baseline(paths: Sequence, labels: Sequence[str], backbone: str = "e
 
 def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence, test_labels: Sequence[str],
         head: str = "softmax", seed: int = 0, valid: float | tuple = 0.2, rerank: bool | dict = False,
-        name: str | None = None, **recipe) -> dict:
+        name: str | None = None, loss: str | None = None, wise_ft: bool = False, **recipe) -> dict:
     """Fine-tune one recipe and evaluate it on the test images.
 
     Args:
@@ -96,7 +96,9 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
             ``pretrained``...); a value of None keeps the recipe's.
         valid: ``create_learner``'s per-epoch retrieval validation (a share of the training
             images, or held-out ``(paths, labels)``).
-        name: the row's name (default: the head).
+        name: the row's name (default: the head, and the loss when given).
+        loss: a registered metric-learning loss for ``head="metric"`` (``heads.LOSSES``).
+        wise_ft: finish with :func:`robust.wise_ft` (the body mixed with its starting weights).
 
     Returns:
         The recipe, the test metrics, ``train_seconds`` and ``seconds`` (training and
@@ -112,16 +114,16 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
     # a value of None keeps the recipe's
     config = {**heads.recipe(head), **{k: v for k, v in recipe.items() if v is not None}}
     start = time.perf_counter()
-    learner = train.create_learner(train_paths, train_labels, head=head, seed=seed, valid=valid,
+    learner = train.create_learner(train_paths, train_labels, head=head, seed=seed, valid=valid, loss=loss,
                                    **{k: v for k, v in config.items() if k in _LEARNER_ARGS})
     fit = {k: v for k, v in config.items() if k in _FIT_ARGS}
-    fitted = train.fine_tune(learner, fit.pop("epochs"), progress=False, **fit)
+    fitted = train.fine_tune(learner, fit.pop("epochs"), progress=False, wise_ft=wise_ft, **fit)
     train_seconds = time.perf_counter() - start
     net, transform = train.embedding_model(learner)
-    result = {"model": name or head, "head": head, "seed": seed, **config,
+    result = {"model": name or (f"{head} {loss}" if loss else head), "head": head, "loss": loss, "seed": seed, **config,
               **evaluate(net, transform, test_paths, test_labels, rerank),
               "train_seconds": train_seconds, "seconds": time.perf_counter() - start, "log": list(fitted.log),
-              "best_epoch": fitted.best_epoch}
+              "best_epoch": fitted.best_epoch, "wise_alpha": fitted.wise_alpha}
     log.info("%s: %s (%.0f s)", result["model"], ", ".join(f"{k} {result[k]:.3f}" for k in METRIC_KEYS),
              result["seconds"])
     return result
