@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from utils_cv.similarity import boosts
 from utils_cv.similarity import features as features_mod
 from utils_cv.similarity import metrics
 from utils_cv.similarity import model as model_mod
@@ -21,7 +22,7 @@ from utils_cv.similarity import train
 from utils_cv.similarity import heads
 from utils_cv.similarity.heads import FIT_KEYS, HEADS, LEARNER_KEYS, RECIPES
 
-__all__ = ["RECIPES", "disjoint_split", "evaluate", "imagenet_baseline", "run", "sweep", "table"]
+__all__ = ["RECIPES", "compare", "disjoint_split", "evaluate", "imagenet_baseline", "run", "sweep", "table"]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ def imagenet_baseline(paths: Sequence, labels: Sequence[str], backbone: str = "e
 
 def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence, test_labels: Sequence[str],
         head: str = "softmax", seed: int = 0, valid: float | tuple = 0.2, rerank: bool | dict = False,
-        name: str | None = None, loss: str | None = None, wise_ft: bool = False, **recipe) -> dict:
+        name: str | None = None, loss: str | None = None, wise_ft: bool = False, keep_model: bool = False,
+        **recipe) -> dict:
     """Fine-tune one recipe and evaluate it on the test images.
 
     Args:
@@ -99,6 +101,7 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
         name: the row's name (default: the head, and the loss when given).
         loss: a registered metric-learning loss for ``head="metric"`` (``heads.LOSSES``).
         wise_ft: finish with :func:`robust.wise_ft` (the body mixed with its starting weights).
+        keep_model: also return ``"embedding"``: the trained ``(module, transform)``.
 
     Returns:
         The recipe, the test metrics, ``train_seconds`` and ``seconds`` (training and
@@ -124,9 +127,39 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
               **evaluate(net, transform, test_paths, test_labels, rerank),
               "train_seconds": train_seconds, "seconds": time.perf_counter() - start, "log": list(fitted.log),
               "best_epoch": fitted.best_epoch, "wise_alpha": fitted.wise_alpha}
+    if keep_model:
+        result["embedding"] = (net, transform)
     log.info("%s: %s (%.0f s)", result["model"], ", ".join(f"{k} {result[k]:.3f}" for k in METRIC_KEYS),
              result["seconds"])
     return result
+
+
+def compare(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence, test_labels: Sequence[str],
+            models: Sequence[tuple[str, str | None]] = (("softmax", None),), flip_tta: bool = True,
+            rerank: bool | dict = False, **run_args) -> list[dict]:
+    """The ImageNet features and each ``(head, loss)`` of ``models`` trained by :func:`run`
+    (``run_args``: seed, valid, recipe overrides), each also with flip test-time augmentation
+    (``boosts.flip_model``, a row named ``"... + flip TTA"``) when ``flip_tta``; every row with
+    and without re-ranking when ``rerank``. The comparison of notebook 02."""
+    rows = [imagenet_baseline(test_paths, test_labels, rerank=rerank)]
+    if flip_tta:
+        rows.append(_flipped(rows[0], *model_mod.create_backbone(), test_paths, test_labels, rerank))
+    for head, loss in models:
+        row = run(train_paths, train_labels, test_paths, test_labels, head=head, loss=loss, rerank=rerank,
+                  keep_model=flip_tta, **run_args)
+        embedding = row.pop("embedding", None)
+        rows.append(row)
+        if flip_tta:
+            rows.append(_flipped(row, *embedding, test_paths, test_labels, rerank))
+    return rows
+
+
+def _flipped(row: dict, net, transform, paths, labels, rerank) -> dict:
+    start = time.perf_counter()
+    out = {"model": f"{row['model']} + flip TTA", "head": row.get("head"), "loss": row.get("loss"), "flip_tta": True,
+           **evaluate(boosts.flip_model(net), transform, paths, labels, rerank)}
+    out["seconds"] = time.perf_counter() - start
+    return out
 
 
 def sweep(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence, test_labels: Sequence[str],
