@@ -349,3 +349,25 @@ def test_an_interrupted_run_leaves_the_weights_it_stopped_with(folder):
     with learn.no_bar():
         learn.validate()  # fires after_fit: must not restore the best epoch of the interrupted run
     assert all(torch.equal(stopped[k], v) for k, v in learn.model.state_dict().items())
+
+
+def test_validation_on_held_out_classes_never_hands_back_worse_features_for_them(tmp_path):
+    # the safety net: classes the model never trains on drive the validation; even a
+    # learning rate that wrecks the network hands back features at least as good on them as
+    # the ImageNet features it started from (the softmax embedding at epoch 0 is the body's output)
+    root = draw_image_folder(tmp_path / "images", classes=("a_circles", "b_squares", "c_stripes", "d_circles2",
+                                                           "e_stripes2"), per_class=5, seed=2)
+    paths, labels = data.list_images(root)
+    held = {"d_circles2", "e_stripes2"}
+    train_p = [p for p, l in zip(paths, labels) if l not in held]
+    train_l = [l for l in labels if l not in held]
+    val = ([p for p, l in zip(paths, labels) if l in held], [l for l in labels if l in held])
+    learn = train.create_learner(train_p, train_l, image_size=128, batch_size=8, valid=val, seed=0)  # ImageNet start
+    start, _ = train.embedding_model(learn)
+    result = train.fine_tune(learn, 2, lr=5.0, freeze_epochs=0, progress=False)
+    m, tf = train.embedding_model(learn)
+    score = lambda net: metrics.evaluate_retrieval(  # noqa: E731
+        features.extract_features(net, val[0], tf, progress=False), val[1], ks=(1,))["map@r"]
+    assert result.log[0]["map@r"] == pytest.approx(score(start), abs=1e-6)
+    assert score(m) >= score(start) - 1e-9
+    assert score(start) < 1.0, "a validation that can still be improved on"
