@@ -49,6 +49,19 @@ def test_metric_learning_losses_train_and_lower_themselves(folder, loss):
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("loss", ["proxyanchor", "arcface"])
+def test_a_loss_with_parameters_starts_the_same_for_the_same_seed(folder, loss):
+    # proxies / class centres are part of the run: the seed fixes them, not whatever ran before
+    pytest.importorskip("pytorch_metric_learning")
+    first = _learner(folder, head="metric", loss=loss, validate_every_epoch=False).loss_func
+    torch.randn(1000)  # the process's own random state moves on
+    again = _learner(folder, head="metric", loss=loss, validate_every_epoch=False).loss_func
+    other = _learner(folder, head="metric", loss=loss, validate_every_epoch=False, seed=1).loss_func
+    pa, pb, pc = (list(f.parameters()) for f in (first, again, other))
+    assert pa and all(torch.equal(a, b) for a, b in zip(pa, pb))
+    assert not all(torch.equal(a, c) for a, c in zip(pa, pc))
+
+
 def test_m_per_class_batches_hold_groups_of_one_class():
     import random
 

@@ -179,16 +179,17 @@ def create_learner(
     classes = sorted({labels[i] for i in train_idx})
     if freeze_bn is None:
         freeze_bn = pretrained
-    with _seeded(seed):  # random weights (pretrained=False) and the head's initialisation
+    with _seeded(seed):  # random weights (pretrained=False), the head's and the loss's initialisation (proxies)
         body, transform = model_mod.create_backbone(backbone, pretrained=pretrained, image_size=image_size)
         cfg = _transform_config(transform)
         net = SimilarityNet(body, len(classes), head=head, embedding_dim=embedding_dim, temperature=temperature,
                             transform=transform)
+        loss_func = create_loss(loss, n_classes=len(classes), embedding_dim=net.embedding_dim,
+                                default=net.default_loss)
     net.config = {
         "backbone": backbone, "head": head_name, "embedding_dim": net.embedding_dim, "image_size": image_size,
         "classes": classes, "temperature": temperature, "preprocessing": cfg, "seed": seed, "freeze_bn": freeze_bn,
     }
-    loss_func = create_loss(loss, n_classes=len(classes), embedding_dim=net.embedding_dim, default=net.default_loss)
     if isinstance(loss, str):
         net.config["loss"] = loss
     loss_params = list(loss_func.to(device).parameters()) if isinstance(loss_func, nn.Module) else []
