@@ -231,10 +231,10 @@ class SimilarityIndex:
         from utils_cv.common.versions import library_versions
 
         path = Path(path)
-        if path.parent.is_dir():  # under the shared lock: another process's swap is never seen half done
+        if storage.lock_path(path).exists():  # saved here before: checked between another save's swaps
             with storage.locked(path, shared=True):
                 storage.check_save_target(path)
-        else:
+        else:  # nothing is written beside a target that is refused
             storage.check_save_target(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = storage.new_folder(path.parent, path.name)

@@ -39,7 +39,7 @@ except ImportError:  # Windows: no advisory locks; saves stay atomic, concurrent
     fcntl = None
 
 __all__ = ["FORMAT", "INDEX_FILES", "WHITENING_FILE", "read_whitening", "check_save_target", "decode_id", "encode_id", "locked",
-           "new_folder", "read_ids", "read_json", "read_matrix", "swap_in"]
+           "lock_path", "new_folder", "read_ids", "read_json", "read_matrix", "swap_in"]
 
 FORMAT = "utils_cv.similarity.index/1"
 WHITENING_FILE = "whitening.npz"
@@ -107,8 +107,13 @@ def check_save_target(path: Path) -> None:
                               "files inside); saving would replace it. Choose another path or empty it first.")
 
 
+def lock_path(path: Path) -> Path:
+    """The lock file beside ``path``: ``.NAME.lock`` (made by the first save)."""
+    return path.with_name(f".{path.name}.lock")
+
+
 def _lock_file(path: Path):
-    lock = path.with_name(f".{path.name}.lock")
+    lock = lock_path(path)
     for mode in ("a+b", "rb"):  # "rb": a read-only folder that already has a lock file
         try:
             return open(lock, mode)
