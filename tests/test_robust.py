@@ -3,22 +3,10 @@ retrieval validation and the model holds exactly the interpolated body."""
 import pytest
 import torch
 
-from conftest import draw_image_folder
+from test_train import _learner, folder  # noqa: F401 - the drawn labelled folder and its tiny learner
 
-from utils_cv.similarity import data, robust, train
+from utils_cv.similarity import robust, train
 from utils_cv.similarity.callbacks import retrieval_validation
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = draw_image_folder(tmp_path_factory.mktemp("robust") / "images", per_class=8)
-    return data.list_images(root)
-
-
-def _learner(folder, **kw):
-    paths, labels = folder
-    return train.create_learner(paths, labels, **{**dict(pretrained=False, image_size=64, batch_size=8, valid=0.25,
-                                                         seed=0), **kw})
 
 
 def test_interpolate_mixes_only_the_body_floats():
