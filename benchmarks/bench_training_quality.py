@@ -7,7 +7,8 @@
   initialisation and the training order; the test split stays the same.
 * disjoint: the openclipart benchmark (``benchmarks/build_openclipart.py`` builds it; the
   first half of the classes by name trains, the second half evaluates). Within the training
-  classes, 20 % of the classes are held out for the per-epoch retrieval validation.
+  classes, 20 % of the classes are held out for the per-epoch retrieval validation; each seed
+  holds out its own (so the training set differs by a few images between seeds).
 Rows: ImageNet features (no training, the backbone's own 224 px), fine-tuned softmax,
 fine-tuned NormSoftmax (``--methods`` adds the metric-learning losses on the ``metric`` head:
 ``"metric triplet"``, ``"metric multisimilarity"``, ``"metric proxyanchor"``, ``"metric
@@ -68,7 +69,8 @@ def _variants(learn, p_te, l_te, sizes, wise):
     return out, mix
 
 
-def _run(name, p_tr, l_tr, p_te, l_te, seeds, valid_for, methods=("softmax", "normsoftmax"), wise=False, sizes=()):
+def _run(name, train_for, p_te, l_te, seeds, valid_for, methods=("softmax", "normsoftmax"), wise=False, sizes=()):
+    """``train_for(seed)``: the (paths, labels) the learner trains on with that seed."""
     rows = {}
     net, tf = model.create_backbone()
     rows["ImageNet features (no training)"] = [_evaluate(net, tf, p_te, l_te)]
@@ -77,6 +79,7 @@ def _run(name, p_tr, l_tr, p_te, l_te, seeds, valid_for, methods=("softmax", "no
         recipe = LP_FT if method == "softmax lp-ft" else RECIPES[head]  # the metric head's: NormSoftmax's
         for seed in seeds:
             t = time.perf_counter()
+            p_tr, l_tr = train_for(seed)
             learn = train.create_learner(p_tr, l_tr, head=head, loss=loss, image_size=recipe["image_size"], seed=seed,
                                          valid=valid_for(seed))
             train.fine_tune(learn, recipe["epochs"], lr=recipe["lr"], freeze_epochs=recipe["freeze_epochs"],
@@ -91,7 +94,8 @@ def _run(name, p_tr, l_tr, p_te, l_te, seeds, valid_for, methods=("softmax", "no
             if mix is not None:
                 print(f"  {name} {method} seed {seed}: WiSE-FT kept alpha {mix.alpha:.2f} (validation MAP@R "
                       + ", ".join(f"{a:.2f}: {v:.3f}" for a, v in mix.scores.items()) + ")", flush=True)
-    print(f"\n{name}: {len(p_tr)} training images, {len(p_te)} test images, seeds {list(seeds)}\n")
+    sizes_tr = sorted({len(train_for(seed)[0]) for seed in seeds})
+    print(f"\n{name}: {'-'.join(map(str, sizes_tr))} training images, {len(p_te)} test images, seeds {list(seeds)}\n")
     print("| features | " + " | ".join(KEYS) + " |\n|---|" + "---:|" * len(KEYS))
     for row, results in rows.items():
         cells = []
@@ -106,8 +110,8 @@ def same_classes(seeds, methods, wise=False, sizes=()):
     paths, labels = data.list_images(data.default_dataset())
     tr, te = data.split_by_image(paths, labels, test_size=0.2, seed=0)
     pick = lambda idx, xs: [xs[i] for i in idx]  # noqa: E731
-    return _run("same classes, default data set", pick(tr, paths), pick(tr, labels), pick(te, paths), pick(te, labels),
-                seeds, valid_for=lambda seed: 0.2, methods=methods, wise=wise, sizes=sizes)
+    return _run("same classes, default data set", lambda seed: (pick(tr, paths), pick(tr, labels)), pick(te, paths),
+                pick(te, labels), seeds, valid_for=lambda seed: 0.2, methods=methods, wise=wise, sizes=sizes)
 
 
 def disjoint_classes(seeds, methods, wise=False, sizes=()):
@@ -127,10 +131,11 @@ def disjoint_classes(seeds, methods, wise=False, sizes=()):
         fit_idx, val_idx = data.split_by_class(p_tr, l_tr, test_classes=0.2, seed=seed)
         return ([p_tr[i] for i in val_idx], [l_tr[i] for i in val_idx])
 
-    seed = seeds[0]
-    fit, _ = data.split_by_class(p_tr, l_tr, test_classes=0.2, seed=seed)  # the classes the learner trains on
-    return _run("disjoint classes, openclipart", [p_tr[i] for i in fit], [l_tr[i] for i in fit], p_te, l_te,
-                [seed], valid_for, methods, wise, sizes)
+    def train_for(seed):  # the other 80 % of the training classes: each seed holds out its own
+        fit, _ = data.split_by_class(p_tr, l_tr, test_classes=0.2, seed=seed)
+        return [p_tr[i] for i in fit], [l_tr[i] for i in fit]
+
+    return _run("disjoint classes, openclipart", train_for, p_te, l_te, seeds, valid_for, methods, wise, sizes)
 
 
 def main() -> None:
@@ -147,7 +152,7 @@ def main() -> None:
     if args.protocol in ("same", "both"):
         same_classes(args.seeds, args.methods, args.wise_ft, args.eval_sizes)
     if args.protocol in ("disjoint", "both"):
-        disjoint_classes(args.seeds[:1], args.methods, args.wise_ft, args.eval_sizes)
+        disjoint_classes(args.seeds, args.methods, args.wise_ft, args.eval_sizes)
 
 
 if __name__ == "__main__":
