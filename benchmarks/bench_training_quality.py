@@ -17,7 +17,8 @@ arcface"``, trained with NormSoftmax's recipe), each with recall@1/2/4/8 and MAP
 images. ``--wise-ft`` adds, for each trained model, the same model after ``robust.wise_ft``
 (its body interpolated with the starting one, the mixing weight chosen by the validation);
 ``--eval-sizes 224`` evaluates each model at other input sizes too; ``"softmax lp-ft"`` is
-LP-FT: 4 epochs of the head alone, then the softmax recipe with the body at a tenth of its rate.
+LP-FT: 4 epochs of the head alone, then the softmax recipe with the body at a tenth of its rate;
+``"softmax 224"`` is the softmax recipe trained (and so evaluated) at 224 px instead of 160.
 """
 from __future__ import annotations
 
@@ -40,10 +41,11 @@ def _evaluate(net, transform, paths, labels):
 
 METHODS = {**{head: (head, None) for head in ("softmax", "normsoftmax")},  # name -> (head, loss)
            **{f"metric {loss}": ("metric", loss) for loss in ("triplet", "multisimilarity", "proxyanchor", "arcface")},
-           "softmax lp-ft": ("softmax", None)}
+           "softmax lp-ft": ("softmax", None), "softmax 224": ("softmax", None)}
 # LP-FT (Kumar et al. 2022): the head trained alone first (the body frozen, a linear probe), then
 # everything gently: the body at a tenth of the softmax recipe's rate
 LP_FT = dict(RECIPES["softmax"], freeze_epochs=4, freeze_lr=1e-2, lr=1e-3, lr_mult=25)
+OTHER_RECIPES = {"softmax lp-ft": LP_FT, "softmax 224": dict(RECIPES["softmax"], image_size=224)}  # method -> recipe
 
 
 def _transform(size: int):
@@ -77,7 +79,7 @@ def _run(name, train_for, p_te, l_te, seeds, valid_for, methods=("softmax", "nor
     rows["ImageNet features (no training)"] = [_evaluate(net, tf, p_te, l_te)]
     for method in methods:
         head, loss = METHODS[method]
-        recipe = LP_FT if method == "softmax lp-ft" else RECIPES[head]  # the metric head's: NormSoftmax's
+        recipe = OTHER_RECIPES.get(method, RECIPES[head])  # the metric head's: NormSoftmax's
         for seed in seeds:
             t = time.perf_counter()
             p_tr, l_tr = train_for(seed)
