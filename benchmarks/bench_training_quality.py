@@ -129,14 +129,13 @@ def disjoint_classes(seeds, methods, wise=False, sizes=()):
     p_te = [p for p, l in zip(paths, labels) if l not in train_classes]
     l_te = [l for l in labels if l not in train_classes]
 
-    def valid_for(seed):
-        # hold out 20 % of the training classes for the per-epoch retrieval validation
-        fit_idx, val_idx = data.split_by_class(p_tr, l_tr, test_classes=0.2, seed=seed)
-        return ([p_tr[i] for i in val_idx], [l_tr[i] for i in val_idx])
+    def part(seed, which):
+        # each seed holds out its own 20 % of the training classes for the per-epoch retrieval
+        # validation (which=1); the learner trains on the other 80 % (which=0)
+        idx = data.split_by_class(p_tr, l_tr, test_classes=0.2, seed=seed)[which]
+        return [p_tr[i] for i in idx], [l_tr[i] for i in idx]
 
-    def train_for(seed):  # the other 80 % of the training classes: each seed holds out its own
-        fit, _ = data.split_by_class(p_tr, l_tr, test_classes=0.2, seed=seed)
-        return [p_tr[i] for i in fit], [l_tr[i] for i in fit]
+    train_for, valid_for = (lambda seed: part(seed, 0)), (lambda seed: part(seed, 1))
 
     return _run("disjoint classes, openclipart", train_for, p_te, l_te, seeds, valid_for, methods, wise, sizes)
 
