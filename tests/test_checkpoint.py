@@ -65,6 +65,7 @@ def test_metadata_lives_inside_the_weights_file_and_the_json_is_a_copy(saved):
     ("classes_text", "'classes' must be a non-empty list"),
     ("size_text", "'image_size' must be an integer"),
     ("unknown_head", "head 'arcface' is not registered"),
+    ("ensemble_weight", "'ensemble_weight' must be a number in \\[0, 1\\]"),
 ])
 def test_malformed_files_raise_value_errors_naming_the_file(saved, tmp_path, case, match):
     _, path, _ = saved
@@ -80,6 +81,8 @@ def test_malformed_files_raise_value_errors_naming_the_file(saved, tmp_path, cas
         blob["metadata"] = json.dumps({**meta, "classes": "abc"})
     elif case == "size_text":
         blob["metadata"] = json.dumps({**meta, "image_size": "32"})
+    elif case == "ensemble_weight":
+        blob["metadata"] = json.dumps({**meta, "ensemble_weight": 2})
     else:
         blob["metadata"] = json.dumps({**meta, "head": "arcface"})
     bad = tmp_path / f"{case}.pth"

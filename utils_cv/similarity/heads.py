@@ -314,14 +314,37 @@ class SimilarityNet(nn.Module):
         self.m_per_class = int(parts.m_per_class)
         self.transform = transform
         self.config = dict(config or {})
+        self.reference, self.reference_weight, self._own_dim = None, 0.0, self.embedding_dim
 
     @property
     def head_type(self) -> str:
         """The head's registered name (older name of :attr:`head_name`)."""
         return self.head_name
 
+    def set_reference(self, body: nn.Module, weight: float) -> None:
+        """Embed with ``body`` (a frozen network, e.g. the starting ImageNet one) beside the
+        trained one: the embedding becomes ``[sqrt(1 - weight) * e, sqrt(weight) * r]`` of the
+        two L2-normalised outputs, so squared L2 distances mix as ``(1 - weight) * trained +
+        weight * reference`` (``robust.output_ensemble``); ``config["ensemble_weight"]`` records
+        ``weight`` so that ``checkpoint.load`` rebuilds it."""
+        if not 0.0 < float(weight) <= 1.0:
+            raise ValueError(f"The 'weight' parameter must be in (0, 1]. Got {weight!r} instead.")
+        self.reference, self.reference_weight = body.eval().requires_grad_(False), float(weight)
+        self.embedding_dim = self._own_dim + int(num_features(body))
+        self.config["ensemble_weight"] = float(weight)
+
+    def train(self, mode: bool = True) -> "SimilarityNet":
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # frozen, batch-norm statistics included
+        return self
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         z = self.neck(self.body(x))
+        if self.reference is not None:
+            w = self.reference_weight
+            return torch.cat([F.normalize(z, dim=1) * (1.0 - w) ** 0.5, F.normalize(self.reference(x), dim=1) * w ** 0.5],
+                             dim=1)
         return F.normalize(z, dim=1) if self.normalize else z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,8 @@ from torch.utils.data import Dataset
 
 from utils_cv.similarity.data import load_image, to_rgb
 
-__all__ = ["ImageDataset", "collate", "default_workers", "min_side", "threaded_batches", "to_rgb_image"]
+__all__ = ["ImageDataset", "collate", "default_workers", "min_side", "threaded_batches", "to_rgb_image",
+           "transform_config"]
 
 
 _ARRAY_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
@@ -151,3 +152,20 @@ def threaded_batches(dataset: ImageDataset, batch_size: int, threads: int = 2, a
                 if i is not None:
                     pending.append(pool.submit(dataset.__getitem__, i))
             yield collate(batch)
+
+
+def transform_config(transform) -> dict:
+    """mean, std, interpolation and sizes of a backbone's eval transform (the metadata a saved
+    model carries)."""
+    cfg = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    for t in getattr(transform, "transforms", []):
+        name = type(t).__name__
+        if name == "Normalize":
+            cfg["mean"] = [float(v) for v in torch.as_tensor(t.mean).flatten()]
+            cfg["std"] = [float(v) for v in torch.as_tensor(t.std).flatten()]
+        elif name == "Resize":
+            cfg["resize"] = t.size if isinstance(t.size, int) else list(t.size)
+            cfg["interpolation"] = str(getattr(t.interpolation, "value", t.interpolation))
+        elif name == "CenterCrop":
+            cfg["crop"] = list(t.size)
+    return cfg

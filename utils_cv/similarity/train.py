@@ -42,6 +42,7 @@ from utils_cv.similarity import model as model_mod
 from utils_cv.similarity import robust
 from utils_cv.similarity.callbacks import FrozenBatchNormStats, RetrievalValidation, fastai_vision, retrieval_validation
 from utils_cv.similarity.checkpoint import FORMAT, load, save
+from utils_cv.similarity.loading import transform_config
 from utils_cv.similarity.heads import (DEFAULT_HEAD, HEADS, EmbeddingModel, SimilarityNet, create_loss, head_factory,
                                        recipe)
 
@@ -65,22 +66,6 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------- data
-def _transform_config(transform) -> dict:
-    """mean, std, interpolation and sizes of a backbone's eval transform."""
-    cfg = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    for t in getattr(transform, "transforms", []):
-        name = type(t).__name__
-        if name == "Normalize":
-            cfg["mean"] = [float(v) for v in torch.as_tensor(t.mean).flatten()]
-            cfg["std"] = [float(v) for v in torch.as_tensor(t.std).flatten()]
-        elif name == "Resize":
-            cfg["resize"] = t.size if isinstance(t.size, int) else list(t.size)
-            cfg["interpolation"] = str(getattr(t.interpolation, "value", t.interpolation))
-        elif name == "CenterCrop":
-            cfg["crop"] = list(t.size)
-    return cfg
-
-
 def _split_valid(paths, labels, valid, seed):
     """(train_idx, fastai_valid_idx, retrieval (paths, labels))."""
     paths, labels = list(paths), list(labels)
@@ -181,7 +166,7 @@ def create_learner(
         freeze_bn = pretrained
     with _seeded(seed):  # random weights (pretrained=False), the head's and the loss's initialisation (proxies)
         body, transform = model_mod.create_backbone(backbone, pretrained=pretrained, image_size=image_size)
-        cfg = _transform_config(transform)
+        cfg = transform_config(transform)
         net = SimilarityNet(body, len(classes), head=head, embedding_dim=embedding_dim, temperature=temperature,
                             transform=transform)
         loss_func = create_loss(loss, n_classes=len(classes), embedding_dim=net.embedding_dim,
