@@ -182,6 +182,22 @@ def test_train_then_evaluate_with_intervals(tmp_path, capsys):
     assert result["metrics"]["map@r"]["ci95"][1] - result["metrics"]["map@r"]["ci95"][0] > 0
 
 
+def test_train_validating_on_held_out_classes_with_the_starting_features_kept(tmp_path, capsys):
+    folder = draw_image_folder(tmp_path / "images", classes=("circles", "squares", "stripes", "bars"), per_class=6)
+    model = tmp_path / "model.pth"
+    code, stdout, err = run(capsys, "train", folder, "--out", model, "--epochs", "1", "--freeze-epochs", "0",
+                            "--image-size", "64", "--batch-size", "8", "--valid-classes", "--ensemble")
+    assert code == 0, err
+    assert "starting features kept at weight" in stdout
+    meta = json.loads((tmp_path / "model.pth.json").read_text())
+    assert len(meta["classes"]) == 2, "2 of the 4 classes are held out for the validation, not trained on"
+    weight = float(stdout.split("kept at weight ")[1][:3])
+    assert meta.get("ensemble_weight", 0.0) == pytest.approx(weight)
+    code, _, err = run(capsys, "train", draw_image_folder(tmp_path / "three", per_class=3), "--out", model,
+                       "--valid-classes")
+    assert code == 1 and "at least 4 are needed" in err
+
+
 def test_labels_needed_errors_say_how_to_lay_out_the_folder(photo_folder, tmp_path, capsys):
     code, _, err = run(capsys, "evaluate", photo_folder)
     assert code == 1 and "one sub-folder per class" in err

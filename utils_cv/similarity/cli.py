@@ -20,6 +20,7 @@ standard error; progress bars only on a terminal.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -30,7 +31,6 @@ from utils_cv.similarity._checks import positive_int_text
 from utils_cv.similarity.cli_examples import EXAMPLES
 
 logger = logging.getLogger("utils_cv.similarity.cli")
-
 
 
 class UsageError(ValueError):
@@ -171,12 +171,6 @@ def cmd_duplicates(args) -> int:
     return 0
 
 
-def cmd_serve(args) -> int:
-    from utils_cv.similarity.app import run_serve
-
-    return run_serve(args)
-
-
 # ---------------------------------------------------------------------------- train / evaluate
 def _labelled(folder):
     from utils_cv.similarity import data
@@ -198,17 +192,26 @@ def _labelled(folder):
 
 
 def cmd_train(args) -> int:
-    from utils_cv.similarity import checkpoint, train
+    from utils_cv.similarity import checkpoint, robust, splits, train
 
-    paths, labels = _labelled(args.folder)
-    learner = train.create_learner(paths, labels, backbone=args.backbone, head=args.head,
+    paths, labels, valid = *_labelled(args.folder), 0.2
+    if args.valid_classes:  # held-out classes validate: for a model that will search other classes
+        if len(set(labels)) < 4:
+            raise ValueError(f"--valid-classes holds out 2 or more classes and trains on the others: "
+                             f"{_shown(args.folder)} has {len(set(labels))} classes, at least 4 are needed.")
+        tr, va = splits.split_by_class(paths, labels, max(2, round(0.2 * len(set(labels)))), seed=args.seed)
+        (paths, labels), valid = ([[xs[i] for i in tr] for xs in (paths, labels)],
+                                  tuple([xs[i] for i in va] for xs in (paths, labels)))
+    learner = train.create_learner(paths, labels, backbone=args.backbone, head=args.head, valid=valid,
                                    image_size=args.image_size, seed=args.seed, batch_size=args.batch_size)
     result = train.fine_tune(learner, args.epochs, freeze_epochs=args.freeze_epochs, lr=args.lr,
                              progress=_progress(args))
+    mix = robust.output_ensemble(learner).weight if args.ensemble else 0.0
     saved = checkpoint.save(learner, args.out)
     config = learner.model.config
     print(f"model: {_shown(saved)} ({config['backbone']}, {args.head} head, {config['image_size']} px; best "
-          f"validation epoch {result.best_epoch} of {len(result.log) - 1}, {result.seconds:.0f} s)")
+          f"validation epoch {result.best_epoch} of {len(result.log) - 1}, {result.seconds:.0f} s"
+          + (f"; starting features kept at weight {mix:.1f}" if args.ensemble else "") + ")")
     return 0
 
 
@@ -244,10 +247,9 @@ def cmd_evaluate(args) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
-def _demo(args) -> int:
-    from utils_cv.similarity import demo
-
-    return demo.run(args)
+def _lazy(module: str, function: str):
+    """A subcommand whose module (the app, the demo) is imported only when it runs."""
+    return lambda args: getattr(importlib.import_module(f"utils_cv.similarity.{module}"), function)(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s: this machine only)")
     p.add_argument("--port", type=positive_int_text, default=7860)
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest upload in MB (default %(default)s)")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=_lazy("app", "run_serve"))
 
     p = command("train", "fine-tune a backbone for similarity on a labelled folder")
     p.add_argument("folder", help="labelled image folder: one sub-folder per class")
@@ -345,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", "the main job: ImageNet vs fine-tuned retrieval on the default data set")
     add_demo_arguments(p)
-    p.set_defaults(func=_demo)
+    p.set_defaults(func=_lazy("demo", "run"))
     return parser
 
 
@@ -366,6 +368,10 @@ def _train_options(p) -> None:
     p.add_argument("--lr", type=float, default=None, help="the head's learning rate (default: the recipe's)")
     p.add_argument("--batch-size", type=positive_int_text, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--valid-classes", action="store_true", help="validate on held-out classes (20 %%, at least 2) "
+                   "instead of 20 %% of the images: for a model that will search classes it was not trained on")
+    p.add_argument("--ensemble", action="store_true", help="keep the ImageNet network beside the fine-tuned one, "
+                   "weighted by the validation (robust.output_ensemble; twice the embedding work)")
 
 
 def main(argv: list[str] | None = None) -> int:
