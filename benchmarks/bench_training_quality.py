@@ -19,6 +19,9 @@ images. ``--wise-ft`` adds, for each trained model, the same model after ``robus
 ``--eval-sizes 224`` evaluates each model at other input sizes too; ``"softmax lp-ft"`` is
 LP-FT: 4 epochs of the head alone, then the softmax recipe with the body at a tenth of its rate;
 ``"softmax 224"`` is the softmax recipe trained (and so evaluated) at 224 px instead of 160.
+``--ensemble [SIZE]`` adds each model k-reciprocally re-ranked, and the model with its starting
+network kept beside it (``robust.output_ensemble``: the weight of the starting features chosen by
+the validation; both networks at SIZE px, by default the training size), alone and re-ranked.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import time
 
 import numpy as np
 
-from utils_cv.similarity import data, features, metrics, model, robust, train
+from utils_cv.similarity import data, features, metrics, model, rerank, robust, train
 from utils_cv.similarity.callbacks import retrieval_validation
 from utils_cv.similarity.heads import RECIPES  # the one source of the recipes measured on the default data set
 
@@ -52,9 +55,27 @@ def _transform(size: int):
     return model.create_backbone(pretrained=False, image_size=size)[1]
 
 
-def _variants(learn, p_te, l_te, sizes, wise):
+def _reranked(emb, tf, p_te, l_te):
+    """Test metrics after k-reciprocal re-ranking of the model's features (its defaults)."""
+    return metrics.evaluate_distances(rerank.k_reciprocal_rerank(
+        features.extract_features(emb, p_te, tf, progress=False)), l_te)
+
+
+def _ensembled(learn, p_te, l_te, size):
+    """Rows of robust.output_ensemble (the starting network kept beside the fine-tuned one, the
+    weight chosen by the validation; both at ``size`` px, 0: the training size), alone and
+    re-ranked; and the weight kept with its scores."""
+    kept = robust.output_ensemble(learn, image_size=size or None)
+    emb, tf = train.embedding_model(learn)
+    name = " + starting features" + (f" at {size} px" if size else "")
+    return [(name, _evaluate(emb, tf, p_te, l_te)), (f"{name} + re-ranking", _reranked(emb, tf, p_te, l_te))], kept
+
+
+def _variants(learn, p_te, l_te, sizes, wise, ensemble=None):
     """(row suffix, test metrics) of the trained model at its training size, at each of ``sizes``,
-    then, with ``wise``, the same after robust.wise_ft; and the WiSE-FT result (or None)."""
+    then, with ``wise``, the same after robust.wise_ft; and the WiSE-FT result (or None). With
+    ``ensemble`` (an input size, 0: the training size), re-ranked and robust.output_ensemble rows
+    follow (the model then keeps both networks)."""
     out, mix = [], None
     for suffix in ("", " + WiSE-FT") if wise else ("",):
         if suffix:
@@ -69,10 +90,17 @@ def _variants(learn, p_te, l_te, sizes, wise):
         emb, tf = train.embedding_model(learn)
         out.append((suffix, _evaluate(emb, tf, p_te, l_te)))
         out += [(f"{suffix}, evaluated at {size} px", _evaluate(emb, _transform(size), p_te, l_te)) for size in sizes]
+    if ensemble is not None:
+        out.append((" + re-ranking", _reranked(*train.embedding_model(learn), p_te, l_te)))
+        rows, kept = _ensembled(learn, p_te, l_te, ensemble)
+        print("    output ensemble: kept weight %.1f (validation MAP@R %s)" % (
+            kept.weight, ", ".join(f"{w:.1f}: {v:.3f}" for w, v in kept.scores.items())), flush=True)
+        out += rows
     return out, mix
 
 
-def _run(name, train_for, p_te, l_te, seeds, valid_for, methods=("softmax", "normsoftmax"), wise=False, sizes=()):
+def _run(name, train_for, p_te, l_te, seeds, valid_for, methods=("softmax", "normsoftmax"), wise=False, sizes=(),
+         ensemble=None):
     """``train_for(seed)``: the (paths, labels) the learner trains on with that seed."""
     rows = {}
     net, tf = model.create_backbone()
@@ -88,7 +116,7 @@ def _run(name, train_for, p_te, l_te, seeds, valid_for, methods=("softmax", "nor
             train.fine_tune(learn, recipe["epochs"], lr=recipe["lr"], freeze_epochs=recipe["freeze_epochs"],
                             freeze_lr=recipe["freeze_lr"], lr_mult=recipe["lr_mult"], progress=False)
             seconds = time.perf_counter() - t
-            variants, mix = _variants(learn, p_te, l_te, sizes, wise)
+            variants, mix = _variants(learn, p_te, l_te, sizes, wise, ensemble)
             for suffix, r in variants:
                 r["seconds"] = seconds
                 rows.setdefault(f"fine-tuned {method}{suffix}", []).append(r)
@@ -109,15 +137,16 @@ def _run(name, train_for, p_te, l_te, seeds, valid_for, methods=("softmax", "nor
     return rows
 
 
-def same_classes(seeds, methods, wise=False, sizes=()):
+def same_classes(seeds, methods, wise=False, sizes=(), ensemble=None):
     paths, labels = data.list_images(data.default_dataset())
     tr, te = data.split_by_image(paths, labels, test_size=0.2, seed=0)
     pick = lambda idx, xs: [xs[i] for i in idx]  # noqa: E731
     return _run("same classes, default data set", lambda seed: (pick(tr, paths), pick(tr, labels)), pick(te, paths),
-                pick(te, labels), seeds, valid_for=lambda seed: 0.2, methods=methods, wise=wise, sizes=sizes)
+                pick(te, labels), seeds, valid_for=lambda seed: 0.2, methods=methods, wise=wise, sizes=sizes,
+                ensemble=ensemble)
 
 
-def disjoint_classes(seeds, methods, wise=False, sizes=()):
+def disjoint_classes(seeds, methods, wise=False, sizes=(), ensemble=None):
     from build_openclipart import default_location
 
     root = default_location()
@@ -137,7 +166,8 @@ def disjoint_classes(seeds, methods, wise=False, sizes=()):
 
     train_for, valid_for = (lambda seed: part(seed, 0)), (lambda seed: part(seed, 1))
 
-    return _run("disjoint classes, openclipart", train_for, p_te, l_te, seeds, valid_for, methods, wise, sizes)
+    return _run("disjoint classes, openclipart", train_for, p_te, l_te, seeds, valid_for, methods, wise, sizes,
+                ensemble)
 
 
 def main() -> None:
@@ -150,11 +180,15 @@ def main() -> None:
                         help="also each trained model with its body mixed with the starting one (robust.wise_ft)")
     parser.add_argument("--eval-sizes", type=int, nargs="*", default=[],
                         help="also evaluate each trained model at these input sizes (px), besides its training size")
+    parser.add_argument("--ensemble", type=int, nargs="?", const=0, default=None, metavar="SIZE",
+                        help="also each trained model re-ranked, with the starting network kept beside it "
+                             "(robust.output_ensemble, both at SIZE px; default the training size), and that "
+                             "re-ranked")
     args = parser.parse_args()
     if args.protocol in ("same", "both"):
-        same_classes(args.seeds, args.methods, args.wise_ft, args.eval_sizes)
+        same_classes(args.seeds, args.methods, args.wise_ft, args.eval_sizes, args.ensemble)
     if args.protocol in ("disjoint", "both"):
-        disjoint_classes(args.seeds, args.methods, args.wise_ft, args.eval_sizes)
+        disjoint_classes(args.seeds, args.methods, args.wise_ft, args.eval_sizes, args.ensemble)
 
 
 if __name__ == "__main__":
