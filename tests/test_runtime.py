@@ -2,13 +2,14 @@
 model; the device-selection and mixed-precision logic of the GPU path, checked on the CPU."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from utils_cv.similarity import data, features, model, runtime
+from utils_cv.similarity import data, features, heads, model, runtime
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,18 @@ def test_fp32_runtimes_equal_eager_and_export_once(name, images, backbone, cache
     features.FeatureExtractor(net, small, runtime=name).extract(images[:2], progress=False)
     assert len(list((cache_dir / "exported").glob("*.onnx"))) == 2
     assert not list((cache_dir / "exported").glob(".*")), "no temporary file is left behind"
+
+
+def test_a_model_with_its_starting_network_beside_exports_both(images, backbone, cache_dir):
+    pytest.importorskip("onnxruntime")
+    net, tf = backbone
+    sim = heads.SimilarityNet(copy.deepcopy(net), 3, transform=tf)
+    sim.set_reference(model.create_backbone(pretrained=False)[0], 0.3)  # robust.output_ensemble's layout
+    emb = heads.EmbeddingModel(sim).eval()
+    ref = _eager(emb, tf, images)
+    assert ref.shape == (len(images), 2 * model.num_features(net))
+    got = features.FeatureExtractor(emb, tf, runtime="onnx").extract(images, progress=False).features
+    assert (got * ref).sum(1).min() >= 0.9999
 
 
 def test_a_changed_model_is_exported_again(images, cache_dir):
