@@ -58,10 +58,11 @@ def _transform(size: int):
     return model.create_backbone(pretrained=False, image_size=size)[1]
 
 
-def _reranked(emb, tf, p_te, l_te):
-    """Test metrics after k-reciprocal re-ranking of the model's features (its defaults)."""
-    return metrics.evaluate_distances(rerank.k_reciprocal_rerank(
-        features.extract_features(emb, p_te, tf, progress=False)), l_te)
+def _plain_and_reranked(emb, tf, p_te, l_te):
+    """Test metrics of the model's features, and after k-reciprocal re-ranking of the same
+    features (its defaults): one extraction for both."""
+    f = features.extract_features(emb, p_te, tf, progress=False)
+    return metrics.evaluate_retrieval(f, l_te), metrics.evaluate_distances(rerank.k_reciprocal_rerank(f), l_te)
 
 
 def _ensembled(learn, p_te, l_te, size):
@@ -71,7 +72,7 @@ def _ensembled(learn, p_te, l_te, size):
     kept = robust.output_ensemble(learn, image_size=size or None)
     emb, tf = train.embedding_model(learn)
     name = " + starting features" + (f" at {size} px" if size else "")
-    return [(name, _evaluate(emb, tf, p_te, l_te)), (f"{name} + re-ranking", _reranked(emb, tf, p_te, l_te))], kept
+    return list(zip((name, f"{name} + re-ranking"), _plain_and_reranked(emb, tf, p_te, l_te))), kept
 
 
 def _variants(learn, p_te, l_te, sizes, wise, ensemble=None):
@@ -79,7 +80,7 @@ def _variants(learn, p_te, l_te, sizes, wise, ensemble=None):
     then, with ``wise``, the same after robust.wise_ft; and the WiSE-FT result (or None). With
     ``ensemble`` (an input size, 0: the training size), re-ranked and robust.output_ensemble rows
     follow (the model then keeps both networks)."""
-    out, mix = [], None
+    out, mix, reranked = [], None, None
     for suffix in ("", " + WiSE-FT") if wise else ("",):
         if suffix:
             trained = {k: v.clone() for k, v in learn.model.state_dict().items()}
@@ -91,10 +92,14 @@ def _variants(learn, p_te, l_te, sizes, wise, ensemble=None):
             learn.model.load_state_dict(trained)
             mix = robust.wise_ft(learn)
         emb, tf = train.embedding_model(learn)
-        out.append((suffix, _evaluate(emb, tf, p_te, l_te)))
+        if suffix or ensemble is None:
+            out.append((suffix, _evaluate(emb, tf, p_te, l_te)))
+        else:  # the model's row and its re-ranked one (listed after the other rows) from one extraction
+            plain, reranked = _plain_and_reranked(emb, tf, p_te, l_te)
+            out.append((suffix, plain))
         out += [(f"{suffix}, evaluated at {size} px", _evaluate(emb, _transform(size), p_te, l_te)) for size in sizes]
     if ensemble is not None:
-        out.append((" + re-ranking", _reranked(*train.embedding_model(learn), p_te, l_te)))
+        out.append((" + re-ranking", reranked))
         rows, kept = _ensembled(learn, p_te, l_te, ensemble)
         print("    output ensemble: kept weight %.1f (validation MAP@R %s)" % (
             kept.weight, ", ".join(f"{w:.1f}: {v:.3f}" for w, v in kept.scores.items())), flush=True)
