@@ -103,3 +103,38 @@ def test_leave_one_out_mode_is_the_query_set_against_itself():
     assert rr.shape == (70, 70)
     np.testing.assert_allclose(np.diag(rr), 0.0, atol=1e-6)  # itself: Jaccard 0, distance 0
     np.testing.assert_allclose(rr, _direct(x, None, 8, 3, 0.3), atol=2e-5)
+
+
+def test_choose_parameters_keeps_the_best_of_a_grid_that_the_rerank_reproduces():
+    from utils_cv.similarity import metrics, rerank
+
+    rng = np.random.default_rng(2)
+    y = np.arange(60) % 4
+    x = (rng.normal(size=(4, 8))[y] + 0.9 * rng.normal(size=(60, 8))).astype(np.float32)
+    labels = [str(v) for v in y]
+    choice = rerank.choose_parameters(x, labels, k1s=(4, 8, 200), k2s=(1, 3), lambdas=(0.3, 1.0))
+    assert sorted(choice.scores) == [(k1, k2, lam) for k1 in (4, 8) for k2 in (1, 3) for lam in (0.3, 1.0)]
+    best = max(choice.scores.values())
+    assert choice.scores[tuple(choice.params.values())] == best
+    # every score is the MAP@R of k_reciprocal_rerank with those parameters; lambda 1: no re-ranking
+    for (k1, k2, lam), score in choice.scores.items():
+        d = rerank.k_reciprocal_rerank(x, k1=k1, k2=k2, lambda_value=lam)
+        assert metrics.evaluate_distances(d, labels)["map@r"] == pytest.approx(score, abs=1e-12)
+    plain = metrics.evaluate_retrieval(x, labels)["map@r"]
+    assert choice.scores[(4, 1, 1.0)] == pytest.approx(plain, abs=1e-9)
+    assert best > plain  # the data are drawn so that re-ranking helps: the choice is not lambda 1
+    with pytest.raises(ValueError, match="k1s"):
+        rerank.choose_parameters(x, labels, k1s=(200,))
+    with pytest.raises(ValueError, match="two images"):
+        rerank.choose_parameters(x[:4], ["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="'labels' has 3"):
+        rerank.choose_parameters(x, labels[:3])
+
+
+def test_choose_parameters_prefers_the_original_ranking_on_ties():
+    from utils_cv.similarity import rerank
+
+    x = np.eye(6, dtype=np.float32)[[0, 0, 1, 1, 2, 2]] + np.arange(6)[:, None] * 1e-3
+    choice = rerank.choose_parameters(x, list("aabbcc"), k1s=(2,), k2s=(1,), lambdas=(0.0, 0.5, 1.0))
+    assert set(choice.scores.values()) == {1.0}  # every pair is each other's nearest: all perfect
+    assert choice.params == {"k1": 2, "k2": 1, "lambda_value": 1.0}

@@ -10,7 +10,7 @@ from PIL import Image
 
 from test_train import _learner, folder  # noqa: F401 - the drawn labelled folder and its tiny learner
 
-from utils_cv.similarity import checkpoint, features, robust, train
+from utils_cv.similarity import checkpoint, features, rerank, robust, train
 from utils_cv.similarity.callbacks import retrieval_validation
 
 
@@ -136,3 +136,19 @@ def test_an_ensemble_at_another_size_changes_the_models_input_and_is_saved_so(fo
     assert loaded.metadata["image_size"] == 96 and loaded.metadata["trained_image_size"] == 64
     np.testing.assert_allclose(features.extract_features(loaded, paths, ltf, progress=False),
                                features.extract_features(emb, paths, tf, progress=False), atol=1e-5)
+
+
+def test_choose_rerank_scores_the_validation_as_the_model_embeds_it(folder):
+    learn = _learner(folder)
+    train.fine_tune(learn, 1, lr=3e-3, freeze_epochs=0, progress=False)
+    cb = retrieval_validation(learn)
+    choice = robust.choose_rerank(learn, k1s=(2, 3), k2s=(1, 2), lambdas=(0.2, 1.0))
+    assert len(choice.scores) == 8 and choice.scores[tuple(choice.params.values())] == max(choice.scores.values())
+    # lambda 1 is the original ranking: the validation MAP@R of the model as it is
+    assert choice.scores[(2, 1, 1.0)] == pytest.approx(cb.score(), abs=1e-9)
+    feats = features.extract_features(train.embedding_model(learn)[0], cb.val_paths, learn.model.transform,
+                                      progress=False)
+    direct = rerank.choose_parameters(feats, cb.val_labels, k1s=(2, 3), k2s=(1, 2), lambdas=(0.2, 1.0))
+    assert direct.scores == pytest.approx(choice.scores, abs=1e-9)
+    with pytest.raises(ValueError, match="validation images"):
+        robust.choose_rerank(_learner(folder, validate_every_epoch=False))

@@ -24,16 +24,22 @@ matrix.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
 from utils_cv.similarity._checks import as_matrix, positive_int
 from utils_cv.similarity.distances import knn, sq_norms, squared_l2_
 
-__all__ = ["k_reciprocal_rerank"]
+__all__ = ["K1S", "K2S", "LAMBDAS", "RerankChoice", "choose_parameters", "k_reciprocal_rerank"]
 
 log = logging.getLogger(__name__)
 _BLOCK_BYTES = 128 * 1024 * 1024
+# choose_parameters' default grid: the paper's values and around them
+K1S = (10, 20, 30, 50)
+K2S = (1, 3, 6)
+LAMBDAS = tuple(i / 10 for i in range(11))  # 1.0: the original ranking
 
 
 def _check(k1, k2, lambda_value, n):
@@ -83,11 +89,22 @@ def k_reciprocal_rerank(query, gallery=None, k1: int = 20, k2: int = 6, lambda_v
         k1: neighbourhood size of the k-reciprocal sets (20 in the paper).
         k2: neighbours averaged in the local query expansion (6; 1 turns it off).
         lambda_value: weight of the original distance (0.3); 1 gives back the original
-            ranking, 0 the Jaccard distance alone.
+            ranking, 0 the Jaccard distance alone. :func:`choose_parameters` picks the three
+            on labelled images.
 
     Returns:
         (nq, ng) float32 distances, smaller is closer (rank with ``np.argsort(.., axis=1)``).
     """
+    shape, rows = _rows(query, gallery, k1, k2, lambda_value)
+    out = np.empty(shape, np.float32)
+    for i, jaccard, d in rows:
+        out[i] = (1.0 - lambda_value) * jaccard + lambda_value * d
+    return out
+
+
+def _rows(query, gallery, k1, k2, lambda_value=0.3):
+    """The output's shape (nq, ng) and a generator of ``(i, Jaccard distances, row-normalised
+    squared distances)`` for each query ``i``: what the final distance mixes."""
     q = as_matrix(query, "query")
     same = gallery is None
     g = q if same else as_matrix(gallery, "gallery")
@@ -125,17 +142,75 @@ def k_reciprocal_rerank(query, gallery=None, k1: int = 20, k2: int = 6, lambda_v
         V = (Q @ V).tocsr()
     Vc = V.tocsc()
     gal = np.arange(n) if same else np.arange(nq, n)
-    out = np.empty((nq, len(g)), np.float32)
     sq_g = sq_norms(g)
-    for i in range(nq):
-        start, stop = V.indptr[i], V.indptr[i + 1]
-        nz, vi = V.indices[start:stop], V.data[start:stop]
-        # Σ_j min(V_i, V_g) over the columns where V_i is non-zero (elsewhere min is 0)
-        sub = Vc[:, nz].tocsr()[gal]  # (ng, |nz|) sparse; its column j is image nz[j]
-        sub.data = np.minimum(sub.data, vi[sub.indices])
-        mins = np.asarray(sub.sum(1)).ravel()
-        # rows of V sum to 1, so Σ max = 2 - Σ min
-        jaccard = 1.0 - mins / (2.0 - mins)
-        d = squared_l2_((g @ q[i])[None, :], sq_norms(q[i:i + 1]), sq_g)[0] / row_max[i]
-        out[i] = (1.0 - lambda_value) * jaccard + lambda_value * d
-    return out
+
+    def rows():
+        for i in range(nq):
+            start, stop = V.indptr[i], V.indptr[i + 1]
+            nz, vi = V.indices[start:stop], V.data[start:stop]
+            # Σ_j min(V_i, V_g) over the columns where V_i is non-zero (elsewhere min is 0)
+            sub = Vc[:, nz].tocsr()[gal]  # (ng, |nz|) sparse; its column j is image nz[j]
+            sub.data = np.minimum(sub.data, vi[sub.indices])
+            mins = np.asarray(sub.sum(1)).ravel()
+            # rows of V sum to 1, so Σ max = 2 - Σ min
+            yield i, 1.0 - mins / (2.0 - mins), squared_l2_((g @ q[i])[None, :], sq_norms(q[i:i + 1]), sq_g)[0] / row_max[i]
+
+    return (nq, len(g)), rows()
+
+
+@dataclass
+class RerankChoice:
+    """The parameters with the best MAP@R (``k1``, ``k2``, ``lambda_value``: pass them on as
+    ``k_reciprocal_rerank(..., **choice.params)``) and the MAP@R of every combination tried,
+    keyed by ``(k1, k2, lambda_value)``."""
+
+    params: dict
+    scores: dict
+
+
+def choose_parameters(features, labels: Sequence[str], k1s: Sequence[int] = K1S, k2s: Sequence[int] = K2S,
+                      lambdas: Sequence[float] = LAMBDAS) -> RerankChoice:
+    """The re-ranking parameters that give labelled images (e.g. a model's retrieval
+    validation, :func:`utils_cv.similarity.robust.choose_rerank`) their best leave-one-out
+    MAP@R, among every combination of ``k1s``, ``k2s`` and ``lambdas``.
+
+    The best ``k1`` grows with the number of images per class (it is the neighbourhood in
+    which reciprocal neighbours are looked for), which is why a fixed one rarely suits a new
+    collection. ``lambda_value = 1`` (in the default grid) is the original ranking, so on
+    these images the choice never scores below no re-ranking. It holds two (n, n) float64
+    matrices per ``(k1, k2)``: meant for validation sets (hundreds to a few thousand images). Ties go to the larger
+    ``lambda_value``, then the smaller ``k1`` and ``k2``. A ``k1`` too large for the number of
+    images (``k1 + 1 > n``) is skipped, as is a ``k2 > k1 + 1``.
+
+    Raises:
+        ValueError: features and labels disagree in length, no class has two images, or no
+            combination fits the number of images.
+    """
+    from utils_cv.similarity import metrics
+
+    x = as_matrix(features, "features")
+    labels = [str(v) for v in labels]
+    if len(labels) != len(x):
+        raise ValueError(f"'features' has {len(x)} rows but 'labels' has {len(labels)} entries: they must match.")
+    if len(set(labels)) == len(labels):
+        raise ValueError("'labels' must hold at least one class with two images to score a ranking.")
+    lambdas = sorted({float(v) for v in lambdas})
+    combos = [(int(a), int(b)) for a in sorted(set(k1s)) for b in sorted(set(k2s)) if a + 1 <= len(x) and b <= a + 1]
+    if not combos:
+        raise ValueError(f"No k1 in {list(k1s)!r} fits {len(x)} images (k1 + 1 must be at most the number of "
+                         "images): pass smaller 'k1s'.")
+    scores = {}
+    for k1, k2 in combos:
+        for lam in lambdas:
+            _check(k1, k2, lam, len(x))
+        shape, rows = _rows(x, None, k1, k2)
+        jaccard, d = np.empty(shape), np.empty(shape)
+        for i, jaccard_i, d_i in rows:
+            jaccard[i], d[i] = jaccard_i, d_i
+        for lam in lambdas:
+            mixed = ((1.0 - lam) * jaccard + lam * d).astype(np.float32)  # as k_reciprocal_rerank mixes them
+            scores[(k1, k2, lam)] = metrics.evaluate_distances(mixed, labels, ks=(1,))["map@r"]
+    best = max(scores, key=lambda key: (scores[key], key[2], -key[0], -key[1]))
+    log.info("re-ranking: best MAP@R %.4f at k1 %d, k2 %d, lambda %.2f (%d combinations tried)", scores[best], *best,
+             len(scores))
+    return RerankChoice(dict(k1=best[0], k2=best[1], lambda_value=best[2]), scores)

@@ -29,13 +29,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils_cv.similarity import features, metrics
+from utils_cv.similarity import features, metrics, rerank
 from utils_cv.similarity import model as model_mod
 from utils_cv.similarity.callbacks import retrieval_validation
 from utils_cv.similarity.heads import EmbeddingModel
 from utils_cv.similarity.loading import transform_config
 
-__all__ = ["ALPHAS", "WEIGHTS", "EnsembleResult", "WiseResult", "interpolate", "output_ensemble", "wise_ft"]
+__all__ = ["ALPHAS", "WEIGHTS", "EnsembleResult", "WiseResult", "choose_rerank", "interpolate", "output_ensemble",
+           "wise_ft"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +175,31 @@ def output_ensemble(learner, weights: Sequence[float] = WEIGHTS, image_size: int
     logger.info("output ensemble: validation MAP@R %s; kept weight %.2f",
                 ", ".join(f"{w:.2f}: {s:.4f}" for w, s in scores.items()), best)
     return EnsembleResult(best, scores)
+
+
+def choose_rerank(learner, **grid) -> rerank.RerankChoice:
+    """The k-reciprocal re-ranking parameters (:func:`utils_cv.similarity.rerank.choose_parameters`)
+    that give the learner's retrieval validation images, embedded by its model as it is now,
+    their best MAP@R; pass them on as ``rerank.k_reciprocal_rerank(features, **choice.params)``.
+    With held-out classes in the validation (``create_learner(..., valid=(paths, labels))``) the
+    choice is made on classes the model did not train on, like the ones it will search.
+
+    Args:
+        learner: with a retrieval validation (trained or not).
+        grid: ``k1s``, ``k2s``, ``lambdas`` for ``choose_parameters`` (its defaults otherwise).
+
+    Raises:
+        ValueError: the learner has no retrieval validation.
+    """
+    cb = retrieval_validation(learner)
+    if cb is None or not cb.measures:
+        raise ValueError("choose_rerank scores the re-ranking on the retrieval validation: create the learner with "
+                         "validation images (train.create_learner(..., valid=0.2)).")
+    net = learner.model
+    transform = cb.transform if cb.transform is not None else net.transform
+    feats = features.extract_features(EmbeddingModel(net), cb.val_paths, transform, batch_size=cb.batch_size,
+                                      progress=False)
+    return rerank.choose_parameters(feats, cb.val_labels, **grid)
 
 
 def _same(a: dict, b: dict) -> bool:
