@@ -18,7 +18,7 @@ from utils_cv.similarity import features as features_mod
 from utils_cv.similarity import metrics
 from utils_cv.similarity import model as model_mod
 from utils_cv.similarity import rerank as rerank_mod
-from utils_cv.similarity import train
+from utils_cv.similarity import robust, train
 from utils_cv.similarity import heads
 from utils_cv.similarity.heads import FIT_KEYS, HEADS, LEARNER_KEYS, RECIPES
 
@@ -87,7 +87,7 @@ def imagenet_baseline(paths: Sequence, labels: Sequence[str], backbone: str = "e
 def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence, test_labels: Sequence[str],
         head: str = "softmax", seed: int = 0, valid: float | tuple = 0.2, rerank: bool | dict = False,
         name: str | None = None, loss: str | None = None, wise_ft: bool = False, keep_model: bool = False,
-        **recipe) -> dict:
+        ensemble: bool | int = False, **recipe) -> dict:
     """Fine-tune one recipe and evaluate it on the test images.
 
     Args:
@@ -98,9 +98,15 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
             ``pretrained``...); a value of None keeps the recipe's.
         valid: ``create_learner``'s per-epoch retrieval validation (a share of the training
             images, or held-out ``(paths, labels)``).
+        rerank: as in :func:`evaluate`, or ``"validation"``: the parameters that
+            :func:`robust.choose_rerank` picks on the validation images (the row's
+            ``rerank_params``).
         name: the row's name (default: the head, and the loss when given).
         loss: a registered metric-learning loss for ``head="metric"`` (``heads.LOSSES``).
         wise_ft: finish with :func:`robust.wise_ft` (the body mixed with its starting weights).
+        ensemble: finish with :func:`robust.output_ensemble` (the starting network kept beside
+            the fine-tuned one, its weight chosen by the validation, the row's
+            ``ensemble_weight``); an int also sets the input size both networks embed at.
         keep_model: also return ``"embedding"``: the trained ``(module, transform)``.
 
     Returns:
@@ -112,6 +118,8 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
     unknown = set(recipe) - _LEARNER_ARGS - _FIT_ARGS
     if unknown:
         raise ValueError(f"Unknown recipe parameters {sorted(unknown)}; known: {sorted(_LEARNER_ARGS | _FIT_ARGS)}.")
+    if isinstance(rerank, str) and rerank != "validation":
+        raise ValueError(f"The 'rerank' parameter must be a bool, a dict or 'validation'. Got {rerank!r} instead.")
     if head == "softmax" and recipe.get("embedding_dim") is not None:
         raise ValueError("'embedding_dim' applies to head='normsoftmax'; the softmax embedding is the backbone's width.")
     # a value of None keeps the recipe's
@@ -121,12 +129,18 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
                                    **{k: v for k, v in config.items() if k in _LEARNER_ARGS})
     fit = {k: v for k, v in config.items() if k in _FIT_ARGS}
     fitted = train.fine_tune(learner, fit.pop("epochs"), progress=False, wise_ft=wise_ft, **fit)
+    extra = {}
+    if ensemble is not False and ensemble is not None:
+        size = None if ensemble is True else int(ensemble)
+        extra["ensemble_weight"] = robust.output_ensemble(learner, image_size=size).weight
+    if isinstance(rerank, str):
+        rerank = extra["rerank_params"] = robust.choose_rerank(learner).params
     train_seconds = time.perf_counter() - start
     net, transform = train.embedding_model(learner)
     result = {"model": name or (f"{head} {loss}" if loss else head), "head": head, "loss": loss, "seed": seed, **config,
               **evaluate(net, transform, test_paths, test_labels, rerank),
               "train_seconds": train_seconds, "seconds": time.perf_counter() - start, "log": list(fitted.log),
-              "best_epoch": fitted.best_epoch, "wise_alpha": fitted.wise_alpha}
+              "best_epoch": fitted.best_epoch, "wise_alpha": fitted.wise_alpha, **extra}
     if keep_model:
         result["embedding"] = (net, transform)
     log.info("%s: %s (%.0f s)", result["model"], ", ".join(f"{k} {result[k]:.3f}" for k in METRIC_KEYS),
