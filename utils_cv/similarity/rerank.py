@@ -39,7 +39,10 @@ _BLOCK_BYTES = 128 * 1024 * 1024
 # choose_parameters' default grid: the paper's values and around them
 K1S = (10, 20, 30, 50)
 K2S = (1, 3, 6)
-LAMBDAS = tuple(i / 10 for i in range(11))  # 1.0: the original ranking
+# 1.0: the original ranking. Not 0: the Jaccard distance alone ties every image outside a
+# query's reciprocal neighbourhood, so classes larger than it rank at random (ImageNet features
+# on openclipart, 125 images a class: MAP@R 0.43 at k1 30 against 0.65 without re-ranking)
+LAMBDAS = tuple(i / 10 for i in range(1, 11))
 
 
 def _check(k1, k2, lambda_value, n):
