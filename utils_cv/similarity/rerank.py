@@ -183,11 +183,12 @@ def choose_parameters(features, labels: Sequence[str], k1s: Sequence[int] = K1S,
     these images the choice never scores below no re-ranking. It holds two (n, n) float64
     matrices per ``(k1, k2)``: meant for validation sets (hundreds to a few thousand images). Ties go to the larger
     ``lambda_value``, then the smaller ``k1`` and ``k2``. A ``k1`` too large for the number of
-    images (``k1 + 1 > n``) is skipped, as is a ``k2 > k1 + 1``.
+    images is lowered to ``n - 1`` (as :func:`utils_cv.similarity.experiment.evaluate` does); a
+    ``k2 > k1 + 1`` is skipped.
 
     Raises:
-        ValueError: features and labels disagree in length, no class has two images, or no
-            combination fits the number of images.
+        ValueError: features and labels disagree in length, no class has two images, or the
+            grid holds no possible combination.
     """
     from utils_cv.similarity import metrics
 
@@ -198,10 +199,11 @@ def choose_parameters(features, labels: Sequence[str], k1s: Sequence[int] = K1S,
     if len(set(labels)) == len(labels):
         raise ValueError("'labels' must hold at least one class with two images to score a ranking.")
     lambdas = sorted({float(v) for v in lambdas})
-    combos = [(int(a), int(b)) for a in sorted(set(k1s)) for b in sorted(set(k2s)) if a + 1 <= len(x) and b <= a + 1]
-    if not combos:
-        raise ValueError(f"No k1 in {list(k1s)!r} fits {len(x)} images (k1 + 1 must be at most the number of "
-                         "images): pass smaller 'k1s'.")
+    k1s = sorted({min(int(a), len(x) - 1) for a in k1s})
+    combos = [(a, int(b)) for a in k1s for b in sorted(set(k2s)) if b <= a + 1]
+    if not combos or not lambdas:
+        raise ValueError(f"No combination of k1 in {k1s!r}, k2 in {list(k2s)!r} and lambda in {lambdas!r} is "
+                         "possible (k2 must be at most k1 + 1): pass other 'k1s', 'k2s' or 'lambdas'.")
     scores = {}
     for k1, k2 in combos:
         for lam in lambdas:
