@@ -180,11 +180,12 @@ def choose_parameters(features, labels: Sequence[str], k1s: Sequence[int] = K1S,
     The best ``k1`` grows with the number of images per class (it is the neighbourhood in
     which reciprocal neighbours are looked for), which is why a fixed one rarely suits a new
     collection. ``lambda_value = 1`` (in the default grid) is the original ranking, so on
-    these images the choice never scores below no re-ranking. It holds two (n, n) float64
-    matrices per ``(k1, k2)``: meant for validation sets (hundreds to a few thousand images). Ties go to the larger
-    ``lambda_value``, then the smaller ``k1`` and ``k2``. A ``k1`` too large for the number of
-    images is lowered to ``n - 1`` (as :func:`utils_cv.similarity.experiment.evaluate` does); a
-    ``k2 > k1 + 1`` is skipped.
+    these images the choice never scores below no re-ranking; 0 is not in it (see
+    :data:`LAMBDAS`). Ties go to the larger ``lambda_value``, then the smaller ``k1`` and
+    ``k2``. A ``k1`` too large for the number of images is lowered to ``n - 1`` (as
+    :func:`utils_cv.similarity.experiment.evaluate` does); a ``k2 > k1 + 1`` is skipped. It
+    holds two (n, n) float64 matrices at a time: meant for validation sets (hundreds to a few
+    thousand images).
 
     Raises:
         ValueError: features and labels disagree in length, no class has two images, or the
