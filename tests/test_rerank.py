@@ -124,11 +124,11 @@ def test_choose_parameters_keeps_the_best_of_a_grid_that_the_rerank_reproduces()
     plain = metrics.evaluate_retrieval(x, labels)["map@r"]
     assert choice.scores[(4, 1, 1.0)] == pytest.approx(plain, abs=1e-9)
     assert best > plain  # the data are drawn so that re-ranking helps: the choice is not lambda 1
-    with pytest.raises(ValueError, match="k2 must be at most"):
+    with pytest.raises(ValueError, match=r"is at most k1 \+ 1"):
         rerank.choose_parameters(x, labels, k1s=(2,), k2s=(6,))
     with pytest.raises(ValueError, match="two images"):
         rerank.choose_parameters(x[:4], ["a", "b", "c", "d"])
-    with pytest.raises(ValueError, match="'labels' has 3"):
+    with pytest.raises(ValueError, match=r"one label per row \(60\); got 3"):
         rerank.choose_parameters(x, labels[:3])
 
 
@@ -136,6 +136,13 @@ def test_choose_parameters_prefers_the_original_ranking_on_ties():
     from utils_cv.similarity import rerank
 
     x = np.eye(6, dtype=np.float32)[[0, 0, 1, 1, 2, 2]] + np.arange(6)[:, None] * 1e-3
-    choice = rerank.choose_parameters(x, list("aabbcc"), k1s=(2,), k2s=(1,), lambdas=(0.0, 0.5, 1.0))
+    choice = rerank.choose_parameters(x, list("aabbcc"), k1s=(3, 2), k2s=(2, 1), lambdas=(0.5, 1.0))
     assert set(choice.scores.values()) == {1.0}  # every pair is each other's nearest: all perfect
     assert choice.params == {"k1": 2, "k2": 1, "lambda_value": 1.0}
+    # bad grids are named
+    for bad, match in ((dict(lambdas=()), "'lambdas' parameter is empty"), (dict(k1s=(0,)), "k1s"),
+                       (dict(lambdas=(1.5,)), "lambda_value"), (dict(lambdas=(True,)), "lambda_value")):
+        with pytest.raises(ValueError, match=match):
+            rerank.choose_parameters(x, list("aabbcc"), **bad)
+    with pytest.raises(ValueError, match="missing"):
+        rerank.choose_parameters(x, ["a", "a", None, "b", "c", "c"])

@@ -152,3 +152,17 @@ def test_choose_rerank_scores_the_validation_as_the_model_embeds_it(folder):
     assert direct.scores == pytest.approx(choice.scores, abs=1e-9)
     with pytest.raises(ValueError, match="validation images"):
         robust.choose_rerank(_learner(folder, validate_every_epoch=False))
+
+
+def test_choose_rerank_after_an_ensemble_at_another_size_embeds_at_that_size(folder):
+    learn = _learner(folder)
+    train.fine_tune(learn, 1, lr=3e-3, freeze_epochs=0, progress=False)
+    robust.output_ensemble(learn, weights=[0.5], image_size=96)
+    cb = retrieval_validation(learn)
+    grid = dict(k1s=(3,), k2s=(1,), lambdas=(0.3, 1.0))
+    choice = robust.choose_rerank(learn, **grid)
+    emb, transform = train.embedding_model(learn)
+    assert cb.transform is transform is learn.model.transform
+    feats = features.extract_features(emb, cb.val_paths, transform, progress=False)
+    assert choice.scores == pytest.approx(rerank.choose_parameters(feats, cb.val_labels, **grid).scores, abs=1e-9)
+    assert choice.scores[(3, 1, 1.0)] == pytest.approx(cb.score(), abs=1e-9)  # the validation follows the size too

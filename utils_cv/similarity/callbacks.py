@@ -67,6 +67,13 @@ class RetrievalValidation(Callback):
         self.active = self.trained_in_fit = self.trained_in_epoch = False
         self.deferred = self.trained_since_restore = False
 
+    def use_transform(self, transform: Callable) -> None:
+        """Measure with ``transform`` from now on (the model embeds at another size,
+        ``robust.output_ensemble(..., image_size=)``). Set through ``__dict__``: fastai warns on
+        any callback attribute the learner also answers to, and the learner forwards
+        ``transform`` to its model."""
+        self.__dict__["transform"] = transform
+
     def score(self) -> float:
         """MAP@R of the validation images with the learner's current weights."""
         net = self.learn.model

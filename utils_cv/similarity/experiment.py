@@ -106,7 +106,8 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
         wise_ft: finish with :func:`robust.wise_ft` (the body mixed with its starting weights).
         ensemble: finish with :func:`robust.output_ensemble` (the starting network kept beside
             the fine-tuned one, its weight chosen by the validation, the row's
-            ``ensemble_weight``); an int also sets the input size both networks embed at.
+            ``ensemble_weight``); an int also sets the input size both networks embed at
+            (0 or False: no ensemble).
         keep_model: also return ``"embedding"``: the trained ``(module, transform)``.
 
     Returns:
@@ -120,6 +121,8 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
         raise ValueError(f"Unknown recipe parameters {sorted(unknown)}; known: {sorted(_LEARNER_ARGS | _FIT_ARGS)}.")
     if isinstance(rerank, str) and rerank != "validation":
         raise ValueError(f"The 'rerank' parameter must be a bool, a dict or 'validation'. Got {rerank!r} instead.")
+    if not isinstance(ensemble, bool) and (not isinstance(ensemble, (int, np.integer)) or ensemble < 0):
+        raise ValueError(f"The 'ensemble' parameter must be a bool or an input size in pixels. Got {ensemble!r} instead.")
     if head == "softmax" and recipe.get("embedding_dim") is not None:
         raise ValueError("'embedding_dim' applies to head='normsoftmax'; the softmax embedding is the backbone's width.")
     # a value of None keeps the recipe's
@@ -129,13 +132,13 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
                                    **{k: v for k, v in config.items() if k in _LEARNER_ARGS})
     fit = {k: v for k, v in config.items() if k in _FIT_ARGS}
     fitted = train.fine_tune(learner, fit.pop("epochs"), progress=False, wise_ft=wise_ft, **fit)
+    train_seconds = time.perf_counter() - start
     extra = {}
-    if ensemble is not False and ensemble is not None:
+    if ensemble:
         size = None if ensemble is True else int(ensemble)
         extra["ensemble_weight"] = robust.output_ensemble(learner, image_size=size).weight
     if isinstance(rerank, str):
         rerank = extra["rerank_params"] = robust.choose_rerank(learner).params
-    train_seconds = time.perf_counter() - start
     net, transform = train.embedding_model(learner)
     result = {"model": name or (f"{head} {loss}" if loss else head), "head": head, "loss": loss, "seed": seed, **config,
               **evaluate(net, transform, test_paths, test_labels, rerank),

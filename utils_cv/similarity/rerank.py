@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from utils_cv.similarity._checks import as_matrix, positive_int
+from utils_cv.similarity._checks import as_matrix, check_labels, positive_int
 from utils_cv.similarity.distances import knn, sq_norms, squared_l2_
 
 __all__ = ["K1S", "K2S", "LAMBDAS", "RerankChoice", "choose_parameters", "k_reciprocal_rerank"]
@@ -194,27 +194,30 @@ def choose_parameters(features, labels: Sequence[str], k1s: Sequence[int] = K1S,
     from utils_cv.similarity import metrics
 
     x = as_matrix(features, "features")
-    labels = [str(v) for v in labels]
-    if len(labels) != len(x):
-        raise ValueError(f"'features' has {len(x)} rows but 'labels' has {len(labels)} entries: they must match.")
+    labels = check_labels(labels, "labels", len(x))
     if len(set(labels)) == len(labels):
         raise ValueError("'labels' must hold at least one class with two images to score a ranking.")
+    for name, values in (("k1s", k1s), ("k2s", k2s), ("lambdas", lambdas)):
+        if len(values) == 0:
+            raise ValueError(f"The '{name}' parameter is empty: give at least one value.")
+    for v in list(k1s) + list(k2s):
+        positive_int(v, "k1s / k2s")
+    for v in lambdas:
+        _check(1, 1, v, 2)  # the lambda check of k_reciprocal_rerank
     lambdas = sorted({float(v) for v in lambdas})
-    k1s = sorted({min(int(a), len(x) - 1) for a in k1s})
+    k1s = sorted({min(int(a), len(x) - 1) for a in k1s})  # lowered to what the images allow
     combos = [(a, int(b)) for a in k1s for b in sorted(set(k2s)) if b <= a + 1]
-    if not combos or not lambdas:
-        raise ValueError(f"No combination of k1 in {k1s!r}, k2 in {list(k2s)!r} and lambda in {lambdas!r} is "
-                         "possible (k2 must be at most k1 + 1): pass other 'k1s', 'k2s' or 'lambdas'.")
+    if not combos:
+        raise ValueError(f"No k2 in {sorted(set(k2s))!r} is at most k1 + 1 for a k1 in {k1s!r} (k1 lowered to "
+                         f"n - 1 = {len(x) - 1} where larger): pass smaller 'k2s'.")
     scores = {}
     for k1, k2 in combos:
-        for lam in lambdas:
-            _check(k1, k2, lam, len(x))
         shape, rows = _rows(x, None, k1, k2)
-        jaccard, d = np.empty(shape), np.empty(shape)
+        jaccard, d = np.empty(shape), np.empty(shape, np.float32)  # d: float32, as k_reciprocal_rerank mixes it
         for i, jaccard_i, d_i in rows:
             jaccard[i], d[i] = jaccard_i, d_i
         for lam in lambdas:
-            mixed = ((1.0 - lam) * jaccard + lam * d).astype(np.float32)  # as k_reciprocal_rerank mixes them
+            mixed = ((1.0 - lam) * jaccard + lam * d).astype(np.float32)
             scores[(k1, k2, lam)] = metrics.evaluate_distances(mixed, labels, ks=(1,))["map@r"]
     best = max(scores, key=lambda key: (scores[key], key[2], -key[0], -key[1]))
     log.info("re-ranking: best MAP@R %.4f at k1 %d, k2 %d, lambda %.2f (%d combinations tried)", scores[best], *best,

@@ -154,6 +154,7 @@ def output_ensemble(learner, weights: Sequence[float] = WEIGHTS, image_size: int
     if image_size is not None and int(image_size) != net.config.get("image_size"):
         transform = model_mod.create_backbone(net.config["backbone"], pretrained=False, image_size=int(image_size))[1]
         net.transform = transform
+        cb.use_transform(transform)  # the validation measures the model as it now embeds
         net.config.update(trained_image_size=net.config.get("trained_image_size", net.config.get("image_size")),
                           image_size=int(image_size), preprocessing=transform_config(transform))
 
