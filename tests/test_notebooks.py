@@ -114,7 +114,7 @@ def test_02_state_of_the_art(tmp_path):
     disjoint = draw(tmp_path / "disjoint", classes=("a_circles", "b_squares", "c_stripes", "d_circles2",
                                                     "e_squares2", "f_stripes2"), per_class=5, seed=1)
     r = run("02_state_of_the_art", tmp_path, DATA_PATH=str(same), DISJOINT_PATH=str(disjoint), EPOCHS=1, FREEZE_EPOCHS=0,
-            IMAGE_SIZE=48, RERANK_K1=3, RERANK_K2=2)
+            IMAGE_SIZE=48, RERANK_K1=3, RERANK_K2=2, ENSEMBLE_SIZE=64)
     assert r["disjoint_ran"] is True
     # floors: features that carry nothing (random vectors) score the chance level; every
     # model of the notebook must beat it clearly on these easy drawn shapes
@@ -124,6 +124,10 @@ def test_02_state_of_the_art(tmp_path):
         assert chance + 0.15 < r[key] <= 1, (key, r[key], chance)
     # one epoch of a metric-learning loss on a new 512-d neck: a real row, not yet a good one
     assert 0 <= r["same_metric_map_at_r"] <= 1 and 0 <= r["disjoint_metric_map_at_r"] <= 1
+    # the pipeline for unseen classes ran end to end (these 15 drawn test images of unseen
+    # shapes are near chance for every row, the ImageNet features' included)
+    assert 0 <= r["disjoint_pipeline_weight"] <= 1 and 1 <= r["disjoint_pipeline_k1"] <= 4  # 5 validation images
+    assert 0 <= r["disjoint_pipeline_map_at_r"] <= 1 and 0 <= r["disjoint_pipeline_rerank_map_at_r"] <= 1
 
 
 def _chance_map_at_r(n_per_class: int, n_classes: int, draws: int = 200) -> float:
