@@ -1,4 +1,5 @@
-"""WiSE-FT: weight-space ensembles of the fine-tuned and the starting network.
+"""WiSE-FT: weight-space ensembles of the fine-tuned and the starting network, and the other
+choices the retrieval validation makes after training.
 
 Fine-tuning on a few classes teaches features for those classes and can unlearn some of what
 made the ImageNet features good on others (README "Quality": on the openclipart classes it
@@ -18,6 +19,9 @@ concatenated with weights ``sqrt(1 - w)`` and ``sqrt(w)``, so that squared dista
 ``(1 - w) * fine-tuned + w * starting``; ``w`` is chosen by the retrieval validation. It costs a
 second forward pass and a wider embedding; measured on openclipart's unseen classes it keeps the
 ImageNet features' recall@1 where the fine-tuned model alone loses some (README "Quality").
+
+:func:`choose_rerank` lets the same validation pick k-reciprocal re-ranking's parameters
+(:func:`utils_cv.similarity.rerank.choose_parameters`) for the model as it now embeds.
 """
 from __future__ import annotations
 
