@@ -66,16 +66,16 @@ SAVE = {}  # --save-features: {"dir": Path, "tag": the current run's name and se
 
 def _plain_and_reranked(learn, p_te, l_te, row=""):
     """Test metrics of the model's features, after k-reciprocal re-ranking of the same features
-    (its defaults), and after re-ranking with the parameters the validation chooses
-    (robust.choose_rerank): one extraction for all three."""
+    (its defaults), and after re-ranking with the parameters the validation chooses (as
+    robust.choose_rerank does): one extraction of the test images for all three."""
     emb, tf = train.embedding_model(learn)
     f = features.extract_features(emb, p_te, tf, progress=False)
-    choice = robust.choose_rerank(learn)
+    cb = retrieval_validation(learn)
+    v = cb.features()  # what robust.choose_rerank(learn) chooses on, kept for --save-features
+    choice = rerank.choose_parameters(v, cb.val_labels)
     print("    re-ranking chosen by the validation: k1 %(k1)d, k2 %(k2)d, lambda %(lambda_value).1f" % choice.params,
           flush=True)
     if SAVE:
-        cb = retrieval_validation(learn)
-        v = features.extract_features(emb, cb.val_paths, cb.transform or learn.model.transform, progress=False)
         np.savez(SAVE["dir"] / f"{SAVE['tag']}{row.replace(' ', '_')}.npz", test=f, test_labels=np.array(l_te),
                  valid=v, valid_labels=np.array(cb.val_labels))
     return (metrics.evaluate_retrieval(f, l_te), metrics.evaluate_distances(rerank.k_reciprocal_rerank(f), l_te),

@@ -74,13 +74,17 @@ class RetrievalValidation(Callback):
         ``transform`` to its model."""
         self.__dict__["transform"] = transform
 
-    def score(self) -> float:
-        """MAP@R of the validation images with the learner's current weights."""
+    def features(self, model=None):
+        """(n, d) features of the validation images, embedded by ``model`` (default: the
+        learner's model as it is now) with the validation preprocessing."""
         net = self.learn.model
         transform = self.transform if self.transform is not None else net.transform
-        feats = features_mod.extract_features(EmbeddingModel(net), self.val_paths, transform,
-                                              batch_size=self.batch_size, progress=False)
-        return metrics_mod.evaluate_retrieval(feats, self.val_labels, ks=(1,))["map@r"]
+        return features_mod.extract_features(model if model is not None else EmbeddingModel(net), self.val_paths,
+                                             transform, batch_size=self.batch_size, progress=False)
+
+    def score(self) -> float:
+        """MAP@R of the validation images with the learner's current weights."""
+        return metrics_mod.evaluate_retrieval(self.features(), self.val_labels, ks=(1,))["map@r"]
 
     def _record(self, entry: dict) -> None:
         if self.measures:

@@ -33,10 +33,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from utils_cv.similarity import features, metrics, rerank
+from utils_cv.similarity import metrics, rerank
 from utils_cv.similarity import model as model_mod
 from utils_cv.similarity.callbacks import retrieval_validation
-from utils_cv.similarity.heads import EmbeddingModel
 from utils_cv.similarity.loading import transform_config
 
 __all__ = ["ALPHAS", "WEIGHTS", "EnsembleResult", "WiseResult", "choose_rerank", "interpolate", "output_ensemble",
@@ -154,7 +153,6 @@ def output_ensemble(learner, weights: Sequence[float] = WEIGHTS, image_size: int
         raise ValueError("The model already embeds with its starting network (output_ensemble was applied).")
     start = copy.deepcopy(net.body)
     start.load_state_dict({k[len("body."):]: v for k, v in cb.start_state.items() if k.startswith("body.")})
-    transform = cb.transform if cb.transform is not None else net.transform
     if image_size is not None and int(image_size) != net.config.get("image_size"):
         transform = model_mod.create_backbone(net.config["backbone"], pretrained=False, image_size=int(image_size))[1]
         net.transform = transform
@@ -162,10 +160,7 @@ def output_ensemble(learner, weights: Sequence[float] = WEIGHTS, image_size: int
         net.config.update(trained_image_size=net.config.get("trained_image_size", net.config.get("image_size")),
                           image_size=int(image_size), preprocessing=transform_config(transform))
 
-    def embed(model):
-        return features.extract_features(model, cb.val_paths, transform, batch_size=cb.batch_size, progress=False)
-
-    trained, reference = embed(EmbeddingModel(net)), embed(start.eval())
+    trained, reference = cb.features(), cb.features(start.eval())
     scores = {}
     for w in weights:
         mixed = np.hstack([np.sqrt(1.0 - w) * trained, np.sqrt(w) * reference]).astype(np.float32)
@@ -200,11 +195,7 @@ def choose_rerank(learner, **grid) -> rerank.RerankChoice:
     if cb is None or not cb.measures:
         raise ValueError("choose_rerank scores the re-ranking on the retrieval validation: create the learner with "
                          "validation images (train.create_learner(..., valid=0.2)).")
-    net = learner.model
-    transform = cb.transform if cb.transform is not None else net.transform
-    feats = features.extract_features(EmbeddingModel(net), cb.val_paths, transform, batch_size=cb.batch_size,
-                                      progress=False)
-    return rerank.choose_parameters(feats, cb.val_labels, **grid)
+    return rerank.choose_parameters(cb.features(), cb.val_labels, **grid)
 
 
 def _same(a: dict, b: dict) -> bool:
