@@ -267,9 +267,10 @@ def _read(path: Path) -> tuple[dict, dict]:
     temperature = meta.get("temperature", 0.05)
     _check(isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0, path,
            f"metadata field 'temperature' must be a positive number; got {temperature!r}.")
-    weight = meta.get("ensemble_weight", 0.0)
-    _check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0.0 <= weight <= 1.0, path,
-           f"metadata field 'ensemble_weight' must be a number in [0, 1]; got {weight!r}.")
+    for key in ("ensemble_weight", "score_weight"):
+        weight = meta.get(key, 0.0)
+        _check(isinstance(weight, (int, float)) and not isinstance(weight, bool) and 0.0 <= weight <= 1.0, path,
+               f"metadata field {key!r} must be a number in [0, 1]; got {weight!r}.")
     _check(meta["head"] in HEADS, path, f"its head {meta['head']!r} is not registered (known: {sorted(HEADS)}); "
            "register it with heads.register_head before loading.")
     return meta, state
@@ -305,6 +306,8 @@ def load(path: str | os.PathLike) -> tuple[nn.Module, Callable]:
     config = {k: v for k, v in meta.items() if k not in _NOT_IN_CONFIG}
     net = SimilarityNet(body, len(meta["classes"]), head=meta["head"], embedding_dim=meta["embedding_dim"],
                         temperature=meta.get("temperature", 0.05), transform=transform, config=config)
+    if meta.get("score_weight", 0.0) > 0.0:  # robust.class_scores: class scores in the embedding
+        net.set_score_weight(meta["score_weight"])
     if meta.get("ensemble_weight", 0.0) > 0.0:  # robust.output_ensemble: the starting network, saved beside
         net.set_reference(copy.deepcopy(body), meta["ensemble_weight"])
     try:

@@ -315,6 +315,7 @@ class SimilarityNet(nn.Module):
         self.transform = transform
         self.config = dict(config or {})
         self.reference, self.reference_weight, self._own_dim = None, 0.0, self.embedding_dim
+        self.n_classes, self.score_weight = int(n_classes), 0.0
 
     @property
     def head_type(self) -> str:
@@ -330,8 +331,36 @@ class SimilarityNet(nn.Module):
         if not 0.0 < float(weight) <= 1.0:
             raise ValueError(f"The 'weight' parameter must be in (0, 1]. Got {weight!r} instead.")
         self.reference, self.reference_weight = body.eval().requires_grad_(False), float(weight)
-        self.embedding_dim = self._own_dim + int(num_features(body))
+        self.embedding_dim = self._trained_dim() + int(num_features(body))
         self.config["ensemble_weight"] = float(weight)
+
+    def set_score_weight(self, weight: float) -> None:
+        """Embed with the class scores beside the features: ``[sqrt(1 - weight) * e,
+        sqrt(weight) * s]`` of the L2-normalised embedding ``e`` and the L2-normalised, centred
+        class logits ``s``, so squared L2 distances mix as ``(1 - weight) * features + weight *
+        class scores`` (``robust.class_scores``); weight 1 keeps the class scores alone, 0 the
+        embedding as it was. ``config["score_weight"]`` records it so that ``checkpoint.load``
+        rebuilds it. Set it before :meth:`set_reference` (whose trained part it changes)."""
+        if not self.logits:
+            raise ValueError(f"The {self.head_name!r} head gives no class logits: class scores cannot be embedded.")
+        if self.reference is not None:
+            raise ValueError("Set the class-score weight before the starting network is kept beside the model "
+                             "(robust.class_scores before robust.output_ensemble).")
+        if not 0.0 <= float(weight) <= 1.0:
+            raise ValueError(f"The 'weight' parameter must be in [0, 1]. Got {weight!r} instead.")
+        self.score_weight = float(weight)
+        self.embedding_dim = self._trained_dim()
+        self.config["score_weight"] = float(weight)
+
+    def _trained_dim(self) -> int:
+        w = self.score_weight
+        return self._own_dim if w == 0.0 else self.n_classes if w == 1.0 else self._own_dim + self.n_classes
+
+    def class_scores(self, z: torch.Tensor) -> torch.Tensor:
+        """The class-score part of the embedding: the L2-normalised class logits of neck outputs
+        ``z``, centred (an offset all logits share says nothing about the class)."""
+        logits = self.classifier(z)
+        return F.normalize(logits - logits.mean(dim=1, keepdim=True), dim=1)
 
     def train(self, mode: bool = True) -> "SimilarityNet":
         super().train(mode)
@@ -341,11 +370,15 @@ class SimilarityNet(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         z = self.neck(self.body(x))
+        w = self.score_weight
+        if w > 0.0:
+            s = self.class_scores(z)
+            z = s if w == 1.0 else torch.cat([F.normalize(z, dim=1) * (1.0 - w) ** 0.5, s * w ** 0.5], dim=1)
         if self.reference is not None:
             w = self.reference_weight
             return torch.cat([F.normalize(z, dim=1) * (1.0 - w) ** 0.5, F.normalize(self.reference(x), dim=1) * w ** 0.5],
                              dim=1)
-        return F.normalize(z, dim=1) if self.normalize else z
+        return F.normalize(z, dim=1) if self.normalize or w > 0.0 else z
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.neck(self.body(x)))
