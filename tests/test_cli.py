@@ -182,14 +182,15 @@ def test_train_then_evaluate_with_intervals(tmp_path, capsys):
     assert result["metrics"]["map@r"]["ci95"][1] - result["metrics"]["map@r"]["ci95"][0] > 0
 
 
-def test_train_validating_on_held_out_classes_with_the_starting_features_kept(tmp_path, capsys):
+def test_train_validating_on_held_out_classes_with_class_scores_and_the_starting_features(tmp_path, capsys):
     folder = draw_image_folder(tmp_path / "images", classes=("circles", "squares", "stripes", "bars"), per_class=6)
     model = tmp_path / "model.pth"
     code, stdout, err = run(capsys, "train", folder, "--out", model, "--epochs", "1", "--freeze-epochs", "0",
-                            "--image-size", "64", "--batch-size", "8", "--valid-classes", "--ensemble")
+                            "--image-size", "64", "--batch-size", "8", "--valid-classes", "--class-scores", "--ensemble")
     assert code == 0, err
     assert "starting features kept at weight" in stdout
     meta = json.loads((tmp_path / "model.pth.json").read_text())
+    assert meta.get("score_weight", 0.0) == pytest.approx(float(stdout.split("class scores at weight ")[1][:3]))
     assert len(meta["classes"]) == 2, "2 of the 4 classes are held out for the validation, not trained on"
     weight = float(stdout.split("kept at weight ")[1][:3])
     assert meta.get("ensemble_weight", 0.0) == pytest.approx(weight)

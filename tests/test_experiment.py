@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from conftest import draw_image_folder
-from utils_cv.similarity import data, experiment
+from utils_cv.similarity import data, experiment, robust
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,15 @@ def test_run_with_the_starting_network_and_reranking_chosen_by_the_validation(sp
     assert r["rerank map@r"] >= r["map@r"] - 1e-9, "lambda 1 (no re-ranking) is among the choices"
     with pytest.raises(ValueError, match="'rerank'"):
         experiment.run(*split, rerank="best", **TINY)
+
+
+def test_run_with_class_scores_chosen_by_the_validation(split):
+    # the held-out validation is the test half: the chosen weight is the best there, weight 0 included
+    r = experiment.run(*split, head="softmax", valid=(split[2], split[3]), class_scores=True, **TINY)
+    plain = experiment.run(*split, head="softmax", valid=(split[2], split[3]), **TINY)
+    assert r["score_weight"] in robust.WEIGHTS and "score_weight" not in plain
+    assert r["map@r"] >= plain["map@r"] - 1e-6
+    with pytest.raises(ValueError, match="'class_scores'"):
+        experiment.run(*split, class_scores="yes", **TINY)
+    with pytest.raises(ValueError, match="no.*logits|gives none"):
+        experiment.run(*split, head="metric", loss="triplet", class_scores=True, **TINY)

@@ -206,11 +206,12 @@ def cmd_train(args) -> int:
                                    image_size=args.image_size, seed=args.seed, batch_size=args.batch_size)
     result = train.fine_tune(learner, args.epochs, freeze_epochs=args.freeze_epochs, lr=args.lr,
                              progress=_progress(args))
+    scores = robust.class_scores(learner).weight if args.class_scores else 0.0  # before the ensemble
     mix = robust.output_ensemble(learner).weight if args.ensemble else 0.0
-    saved = checkpoint.save(learner, args.out)
-    config = learner.model.config
+    saved, config = checkpoint.save(learner, args.out), learner.model.config
     print(f"model: {_shown(saved)} ({config['backbone']}, {args.head} head, {config['image_size']} px; best "
           f"validation epoch {result.best_epoch} of {len(result.log) - 1}, {result.seconds:.0f} s"
+          + (f"; class scores at weight {scores:.1f}" if args.class_scores else "")
           + (f"; starting features kept at weight {mix:.1f}" if args.ensemble else "") + ")")
     return 0
 
@@ -370,6 +371,8 @@ def _train_options(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--valid-classes", action="store_true", help="validate on held-out classes (20 %%, at least 2) "
                    "instead of 20 %% of the images: for a model that will search classes it was not trained on")
+    p.add_argument("--class-scores", action="store_true", help="mix the class scores into the embedding, weighted "
+                   "by the validation (robust.class_scores): for searching the classes trained on")
     p.add_argument("--ensemble", action="store_true", help="keep the ImageNet network beside the fine-tuned one, "
                    "weighted by the validation (robust.output_ensemble; twice the embedding work)")
 

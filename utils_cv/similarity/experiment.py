@@ -87,7 +87,7 @@ def imagenet_baseline(paths: Sequence, labels: Sequence[str], backbone: str = "e
 def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence, test_labels: Sequence[str],
         head: str = "softmax", seed: int = 0, valid: float | tuple = 0.2, rerank: bool | dict = False,
         name: str | None = None, loss: str | None = None, wise_ft: bool = False, keep_model: bool = False,
-        ensemble: bool | int = False, **recipe) -> dict:
+        ensemble: bool | int = False, class_scores: bool = False, **recipe) -> dict:
     """Fine-tune one recipe and evaluate it on the test images.
 
     Args:
@@ -108,6 +108,8 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
             the fine-tuned one, its weight chosen by the validation, the row's
             ``ensemble_weight``); an int also sets the input size both networks embed at
             (0 or False: no ensemble).
+        class_scores: mix the class scores into the embedding with :func:`robust.class_scores`
+            (before the ensemble; the row's ``score_weight``).
         keep_model: also return ``"embedding"``: the trained ``(module, transform)``.
 
     Returns:
@@ -123,6 +125,10 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
         raise ValueError(f"The 'rerank' parameter must be a bool, a dict or 'validation'. Got {rerank!r} instead.")
     if not isinstance(ensemble, bool) and (not isinstance(ensemble, (int, np.integer)) or ensemble < 0):
         raise ValueError(f"The 'ensemble' parameter must be a bool or an input size in pixels. Got {ensemble!r} instead.")
+    if not isinstance(class_scores, bool):
+        raise ValueError(f"The 'class_scores' parameter must be a bool. Got {class_scores!r} instead.")
+    if class_scores and not heads.HEADS[head](8, 2, embedding_dim=8, temperature=0.05, dropout=0.0).logits:
+        raise ValueError(f"class_scores needs class logits; the {head!r} head gives none.")
     if head == "softmax" and recipe.get("embedding_dim") is not None:
         raise ValueError("'embedding_dim' applies to head='normsoftmax'; the softmax embedding is the backbone's width.")
     # a value of None keeps the recipe's
@@ -134,6 +140,8 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
     fitted = train.fine_tune(learner, fit.pop("epochs"), progress=False, wise_ft=wise_ft, **fit)
     train_seconds = time.perf_counter() - start
     extra = {}
+    if class_scores:
+        extra["score_weight"] = robust.class_scores(learner).weight
     if ensemble:
         size = None if ensemble is True else int(ensemble)
         extra["ensemble_weight"] = robust.output_ensemble(learner, image_size=size).weight
