@@ -178,3 +178,18 @@ def test_warm_up_builds_in_the_background_and_hands_over_its_error(images, cache
     for _ in range(2):  # the first call gets the background build's error, the next one tries again
         with pytest.raises(RuntimeError, match="cannot prepare"):
             failing(batch)
+
+
+def test_a_model_with_class_scores_exports_them_and_a_new_weight_exports_again(images, backbone, cache_dir):
+    pytest.importorskip("onnxruntime")
+    net, tf = backbone
+    sim = heads.SimilarityNet(copy.deepcopy(net), 3, transform=tf)
+    emb = heads.EmbeddingModel(sim).eval()
+    plain = features.FeatureExtractor(emb, tf, runtime="onnx").extract(images, progress=False).features
+    sim.set_score_weight(0.5)  # robust.class_scores's layout: the same weights, another embedding
+    ref = _eager(emb, tf, images)
+    assert ref.shape == (len(images), model.num_features(net) + 3) and model.num_features(emb) == ref.shape[1]
+    for runtime in ("torch", "onnx"):  # neither the prepared eager copy nor the exported file is stale
+        got = features.FeatureExtractor(emb, tf, runtime=runtime).extract(images, progress=False).features
+        assert got.shape == ref.shape and (got * ref).sum(1).min() >= 0.9999, runtime
+    assert plain.shape[1] == model.num_features(net)

@@ -317,11 +317,6 @@ class SimilarityNet(nn.Module):
         self.reference, self.reference_weight, self._own_dim = None, 0.0, self.embedding_dim
         self.n_classes, self.score_weight = int(n_classes), 0.0
 
-    @property
-    def head_type(self) -> str:
-        """The head's registered name (older name of :attr:`head_name`)."""
-        return self.head_name
-
     def set_reference(self, body: nn.Module, weight: float) -> None:
         """Embed with ``body`` (a frozen network, e.g. the starting ImageNet one) beside the
         trained one: the embedding becomes ``[sqrt(1 - weight) * e, sqrt(weight) * r]`` of the
@@ -330,8 +325,10 @@ class SimilarityNet(nn.Module):
         ``weight`` so that ``checkpoint.load`` rebuilds it."""
         if not 0.0 < float(weight) <= 1.0:
             raise ValueError(f"The 'weight' parameter must be in (0, 1]. Got {weight!r} instead.")
+        if self.reference is not None:  # replaced: the trained part's width is what stays
+            self.embedding_dim -= int(num_features(self.reference))
         self.reference, self.reference_weight = body.eval().requires_grad_(False), float(weight)
-        self.embedding_dim = self._trained_dim() + int(num_features(body))
+        self.embedding_dim += int(num_features(body))
         self.config["ensemble_weight"] = float(weight)
 
     def set_score_weight(self, weight: float) -> None:
@@ -348,13 +345,11 @@ class SimilarityNet(nn.Module):
                              "(robust.class_scores before robust.output_ensemble).")
         if not 0.0 <= float(weight) <= 1.0:
             raise ValueError(f"The 'weight' parameter must be in [0, 1]. Got {weight!r} instead.")
-        self.score_weight = float(weight)
-        self.embedding_dim = self._trained_dim()
-        self.config["score_weight"] = float(weight)
+        self.score_weight = self.config["score_weight"] = w = float(weight)
+        self.embedding_dim = self._own_dim if w == 0.0 else self.n_classes if w == 1.0 else self._own_dim + self.n_classes
 
-    def _trained_dim(self) -> int:
-        w = self.score_weight
-        return self._own_dim if w == 0.0 else self.n_classes if w == 1.0 else self._own_dim + self.n_classes
+    def extra_repr(self) -> str:  # in the repr, so that exported and prepared copies tell the mixes apart
+        return f"score_weight={self.score_weight}, reference_weight={self.reference_weight}"
 
     def class_scores(self, z: torch.Tensor) -> torch.Tensor:
         """The class-score part of the embedding: the L2-normalised class logits of neck outputs
@@ -394,7 +389,12 @@ class EmbeddingModel(nn.Module):
         # timm's convention (no classifier: num_classes 0, output width num_features), which
         # model.num_features reads
         self.num_classes = 0
-        self.num_features = self.feature_dim = net.embedding_dim
+
+    @property
+    def num_features(self) -> int:  # follows the network's class-score and starting-network settings
+        return self.net.embedding_dim
+
+    feature_dim = num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.embed(x)

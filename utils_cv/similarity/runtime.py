@@ -76,9 +76,10 @@ _PREPARED_LOCK = threading.Lock()
 
 
 def _weights_key(module: nn.Module, *options) -> tuple:
-    """Changes when any parameter or buffer is replaced or updated in place (an optimiser step)."""
+    """Changes when any parameter or buffer is replaced or updated in place (an optimiser step),
+    or the structure or settings the repr shows (e.g. a SimilarityNet's class-score weight)."""
     tensors = list(module.parameters()) + list(module.buffers())
-    return (*options, tuple(t._version for t in tensors), tuple(t.data_ptr() for t in tensors))
+    return (*options, str(module), tuple(t._version for t in tensors), tuple(t.data_ptr() for t in tensors))
 
 
 def prepared(module: nn.Module, device: torch.device, fold_bn: bool, channels_last: bool) -> nn.Module:
