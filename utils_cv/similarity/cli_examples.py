@@ -13,7 +13,8 @@ EXAMPLES = {
              "  utils-cv-similarity serve photos.idx --host 0.0.0.0 --port 8080",
     "train": "examples:\n  utils-cv-similarity train labelled/ --out model.pth\n"
              "  utils-cv-similarity train labelled/ --out model.pth --head normsoftmax --epochs 12\n"
-             "  utils-cv-similarity train labelled/ --out model.pth --valid-classes --ensemble",
+             "  utils-cv-similarity train labelled/ --out model.pth --class-scores  # to search these classes\n"
+             "  utils-cv-similarity train labelled/ --out model.pth --valid-classes --ensemble  # to search others",
     "evaluate": "examples:\n  utils-cv-similarity evaluate labelled/\n"
                 "  utils-cv-similarity evaluate labelled/ --model model.pth --json",
     "demo": "examples:\n  utils-cv-similarity demo\n  utils-cv-similarity demo --epochs 0 --data my_labelled_folder",
