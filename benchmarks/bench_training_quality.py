@@ -235,6 +235,8 @@ def main() -> None:
                              "to study post-processing without training again")
     args = parser.parse_args()
     CLASS_SCORES["on"] = args.class_scores
+    if args.class_scores and any(METHODS[m][0] == "metric" for m in args.methods):  # refused before training
+        parser.error("--class-scores needs class logits: the metric head's methods give none")
     if args.save_features is not None:
         args.save_features.mkdir(parents=True, exist_ok=True)
         SAVE["dir"] = args.save_features

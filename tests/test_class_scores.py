@@ -11,6 +11,7 @@ from test_train import _learner, folder  # noqa: F401 - the drawn labelled folde
 
 from utils_cv.similarity import checkpoint, features, metrics, robust, train
 from utils_cv.similarity.callbacks import retrieval_validation
+from utils_cv.similarity.features import ImageDecodeError
 
 
 class _Logits(nn.Module):
@@ -120,3 +121,35 @@ def test_class_scores_refuse_heads_without_logits_bad_weights_and_unvalidated_le
     torch.save(blob, saved)
     with pytest.raises(ValueError, match="m.pth.*score_weight"):
         checkpoint.load(saved)
+
+
+def test_normsoftmax_class_scores_and_a_metric_loss_on_softmax_logits(folder):
+    learn = _learner(folder, head="normsoftmax")
+    train.fine_tune(learn, 1, lr=3e-3, freeze_epochs=0, progress=False)
+    paths = folder[0][:6]
+    plain, scores = _parts(learn, paths)  # NormSoftmax: cosine logits / temperature
+    robust.class_scores(learn, weights=[0.5])
+    got = features.extract_features(train.embedding_model(learn)[0], paths, learn.model.transform, progress=False)
+    np.testing.assert_allclose(got, np.hstack([np.sqrt(0.5) * _unit(plain), np.sqrt(0.5) * scores]), atol=1e-5)
+    # a triplet loss on the softmax head's outputs makes them an embedding, not class scores
+    triplet = _learner(folder, loss="triplet")
+    with pytest.raises(ValueError, match="'triplet' gives no class logits"):
+        robust.check_class_scores(triplet)
+
+
+def test_a_failed_choice_gives_back_the_weight_held_before(folder, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    paths, labels = folder
+    own = []
+    for i, (p, label) in enumerate(zip(paths, labels)):  # a copy: one of its validation images goes missing
+        (tmp_path / label).mkdir(exist_ok=True)
+        own.append(Path(shutil.copy(p, tmp_path / label / f"{i}{Path(p).suffix}")))
+    learn = _learner((own, labels))
+    train.fine_tune(learn, 1, lr=3e-3, freeze_epochs=0, progress=False)
+    robust.class_scores(learn, weights=[0.3])
+    Path(retrieval_validation(learn).val_paths[0]).unlink()
+    with pytest.raises(ImageDecodeError, match="No such file"):
+        robust.class_scores(learn)
+    assert learn.model.score_weight == 0.3 and learn.model.config["score_weight"] == 0.3

@@ -197,6 +197,10 @@ def test_train_validating_on_held_out_classes_with_class_scores_and_the_starting
     code, _, err = run(capsys, "train", draw_image_folder(tmp_path / "three", per_class=3), "--out", model,
                        "--valid-classes")
     assert code == 1 and "at least 4 are needed" in err
+    # refused before training, not after it
+    code, _, err = run(capsys, "train", folder, "--out", tmp_path / "metric.pth", "--head", "metric", "--valid-classes",
+                       "--class-scores")
+    assert code == 1 and "gives no class logits" in err and not (tmp_path / "metric.pth").exists()
 
 
 def test_labels_needed_errors_say_how_to_lay_out_the_folder(photo_folder, tmp_path, capsys):

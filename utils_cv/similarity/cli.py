@@ -5,12 +5,10 @@ Subcommands, each a function taking the parsed arguments (``set_defaults(func=..
 * ``index FOLDER --out DIR``: embed a folder of images (plain or one sub-folder per class)
   into a searchable collection; a re-run embeds only new or changed files.
 * ``query DIR IMAGE...``: the nearest images of each query image, with paths and distances.
-* ``duplicates FOLDER|DIR``: exact and near-duplicate groups and the files one could remove
-  (nothing is ever deleted or moved).
+* ``duplicates FOLDER|DIR``: exact and near-duplicate groups, the files one could remove (kept).
 * ``serve DIR``: a browser app over a collection (search by upload or webcam, duplicates).
 * ``train FOLDER --out model.pth``: fine-tune a backbone on a labelled folder.
-* ``evaluate FOLDER``: retrieval metrics of a model on a labelled folder, with bootstrap
-  95 % intervals over queries.
+* ``evaluate FOLDER``: retrieval metrics of a model on a labelled folder, with 95 % intervals.
 * ``demo``: the main job on the default data set (see :mod:`utils_cv.similarity.demo`).
 
 Exit codes: 0 done, 1 bad input (the message names the file or parameter and what to do),
@@ -204,6 +202,8 @@ def cmd_train(args) -> int:
                                   tuple([xs[i] for i in va] for xs in (paths, labels)))
     learner = train.create_learner(paths, labels, backbone=args.backbone, head=args.head, valid=valid,
                                    image_size=args.image_size, seed=args.seed, batch_size=args.batch_size)
+    if args.class_scores:  # what would refuse them after training refuses them before
+        robust.check_class_scores(learner)
     result = train.fine_tune(learner, args.epochs, freeze_epochs=args.freeze_epochs, lr=args.lr,
                              progress=_progress(args))
     scores = robust.class_scores(learner).weight if args.class_scores else 0.0  # before the ensemble

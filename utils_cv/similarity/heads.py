@@ -332,14 +332,14 @@ class SimilarityNet(nn.Module):
         self.config["ensemble_weight"] = float(weight)
 
     def set_score_weight(self, weight: float) -> None:
-        """Embed with the class scores beside the features: ``[sqrt(1 - weight) * e,
-        sqrt(weight) * s]`` of the L2-normalised embedding ``e`` and the L2-normalised, centred
-        class logits ``s``, so squared L2 distances mix as ``(1 - weight) * features + weight *
-        class scores`` (``robust.class_scores``); weight 1 keeps the class scores alone, 0 the
-        embedding as it was. ``config["score_weight"]`` records it so that ``checkpoint.load``
-        rebuilds it. Set it before :meth:`set_reference` (whose trained part it changes)."""
-        if not self.logits:
-            raise ValueError(f"The {self.head_name!r} head gives no class logits: class scores cannot be embedded.")
+        """Embed ``[sqrt(1 - weight) * e, sqrt(weight) * s]`` of the L2-normalised embedding ``e`` and
+        the L2-normalised, centred class logits ``s``: squared L2 distances mix as ``(1 - weight) *
+        features + weight * class scores`` (``robust.class_scores``; 1: the class scores alone, 0: the
+        embedding as it was). Recorded in ``config["score_weight"]``; set before :meth:`set_reference`."""
+        loss = self.config.get("loss", self.default_loss)
+        if not self.logits or loss != self.default_loss:  # a metric loss on the logits makes them an embedding
+            raise ValueError(f"The {self.head_name!r} head trained with loss {loss!r} gives no class logits: class "
+                             "scores cannot be embedded.")
         if self.reference is not None:
             raise ValueError("Set the class-score weight before the starting network is kept beside the model "
                              "(robust.class_scores before robust.output_ensemble).")

@@ -22,8 +22,9 @@ ImageNet features' recall@1 where the fine-tuned model alone loses some (README 
 
 :func:`class_scores` mixes the fine-tuned classifier's class scores into the embedding, with the
 weight the validation chooses: for a collection of the classes the model was trained on they
-group each class more tightly than the features do (README "Quality"); on classes it never saw
-the validation, held out by class, keeps the features.
+group each class more tightly than the features do (README "Quality"). On classes it never saw
+they did not help, and a validation of 3 held-out classes still kept small weights: leave them
+out when the model will search other classes.
 
 :func:`choose_rerank` lets the same validation pick k-reciprocal re-ranking's parameters
 (:func:`utils_cv.similarity.rerank.choose_parameters`) for the model as it now embeds.
@@ -43,8 +44,8 @@ from utils_cv.similarity import model as model_mod
 from utils_cv.similarity.callbacks import retrieval_validation
 from utils_cv.similarity.loading import transform_config
 
-__all__ = ["ALPHAS", "WEIGHTS", "EnsembleResult", "ScoreResult", "WiseResult", "choose_rerank", "class_scores",
-           "interpolate", "output_ensemble", "wise_ft"]
+__all__ = ["ALPHAS", "WEIGHTS", "EnsembleResult", "ScoreResult", "WiseResult", "check_class_scores", "choose_rerank",
+           "class_scores", "interpolate", "output_ensemble", "wise_ft"]
 
 logger = logging.getLogger(__name__)
 
@@ -216,15 +217,23 @@ def class_scores(learner, weights: Sequence[float] = WEIGHTS) -> ScoreResult:
     weights = sorted({float(w) for w in weights})
     if not weights or weights[0] < 0.0 or weights[-1] > 1.0:
         raise ValueError(f"The 'weights' parameter must hold values in [0, 1]. Got {list(weights)!r} instead.")
+    check_class_scores(learner)
     cb = _validation_checked(learner, "class_scores")
     net = learner.model
-    net.set_score_weight(0.0)  # refuses heads without logits and models with a starting network beside them
-    plain, scored = cb.features(), _score_features(cb, net)
-    unit = plain / np.maximum(np.linalg.norm(plain, axis=1, keepdims=True), 1e-12)
-    scores = {}
-    for w in weights:
-        mixed = plain if w == 0.0 else np.hstack([np.sqrt(1.0 - w) * unit, np.sqrt(w) * scored]).astype(np.float32)
-        scores[w] = metrics.evaluate_retrieval(mixed, cb.val_labels, ks=(1,))["map@r"]
+    before = net.score_weight
+    try:  # the features alone, then the class scores alone; the weight held before comes back on an error
+        net.set_score_weight(0.0)
+        plain = cb.features()
+        net.set_score_weight(1.0)
+        scored = cb.features()
+        unit = plain / np.maximum(np.linalg.norm(plain, axis=1, keepdims=True), 1e-12)
+        scores = {}
+        for w in weights:
+            mixed = plain if w == 0.0 else np.hstack([np.sqrt(1.0 - w) * unit, np.sqrt(w) * scored]).astype(np.float32)
+            scores[w] = metrics.evaluate_retrieval(mixed, cb.val_labels, ks=(1,))["map@r"]
+    except BaseException:
+        net.set_score_weight(before)
+        raise
     best = max(weights, key=lambda w: (scores[w], -w))
     net.set_score_weight(best)
     logger.info("class scores: validation MAP@R %s; kept weight %.2f",
@@ -232,13 +241,18 @@ def class_scores(learner, weights: Sequence[float] = WEIGHTS) -> ScoreResult:
     return ScoreResult(best, scores)
 
 
-def _score_features(cb, net):
-    """The validation images' class-score part alone (the embedding at weight 1)."""
-    net.set_score_weight(1.0)
-    try:
-        return cb.features()
-    finally:
-        net.set_score_weight(0.0)
+def check_class_scores(learner):
+    """Raise the ValueError :func:`class_scores` would raise after training, before it: no
+    retrieval validation, a head or loss without class logits, the starting network already kept
+    beside the model (the command line checks before it trains). Returns the validation."""
+    cb = retrieval_validation(learner)
+    if cb is None or not cb.measures:
+        raise ValueError("class_scores chooses its weight by the retrieval validation: create the learner with "
+                         "validation images (train.create_learner(..., valid=0.2)), 2 or more of a class.")
+    net = learner.model
+    if not net.logits or net.config.get("loss", net.default_loss) != net.default_loss or net.reference is not None:
+        net.set_score_weight(net.score_weight)  # raises, saying which
+    return cb
 
 
 def choose_rerank(learner, **grid) -> rerank.RerankChoice:
