@@ -127,8 +127,6 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
         raise ValueError(f"The 'ensemble' parameter must be a bool or an input size in pixels. Got {ensemble!r} instead.")
     if not isinstance(class_scores, bool):
         raise ValueError(f"The 'class_scores' parameter must be a bool. Got {class_scores!r} instead.")
-    if class_scores and not heads.HEADS[head](8, 2, embedding_dim=8, temperature=0.05, dropout=0.0).logits:
-        raise ValueError(f"class_scores needs class logits; the {head!r} head gives none.")
     if head == "softmax" and recipe.get("embedding_dim") is not None:
         raise ValueError("'embedding_dim' applies to head='normsoftmax'; the softmax embedding is the backbone's width.")
     # a value of None keeps the recipe's
@@ -136,6 +134,8 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
     start = time.perf_counter()
     learner = train.create_learner(train_paths, train_labels, head=head, seed=seed, valid=valid, loss=loss,
                                    **{k: v for k, v in config.items() if k in _LEARNER_ARGS})
+    if class_scores:  # what would refuse them after training refuses them before
+        robust.check_class_scores(learner)
     fit = {k: v for k, v in config.items() if k in _FIT_ARGS}
     fitted = train.fine_tune(learner, fit.pop("epochs"), progress=False, wise_ft=wise_ft, **fit)
     train_seconds = time.perf_counter() - start
