@@ -4,5 +4,5 @@ Submodules are imported on demand (``from utils_cv.similarity import data, model
 ``import utils_cv.similarity.data`` does not pull in torch.
 """
 
-__all__ = ["checkpoint", "cli", "collection", "data", "dedup", "distances", "features", "heads", "index", "index_tuning",
+__all__ = ["checkpoint", "cli", "collection", "data", "dedup", "diffusion", "distances", "features", "heads", "index", "index_tuning",
            "metrics", "model", "plot", "rerank", "scale", "scale_index", "scale_io", "splits", "train", "widget"]
