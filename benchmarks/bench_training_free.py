@@ -15,11 +15,16 @@ pooling (p = 3); both; then on the best of those: PCA whitening fitted on the ga
 they are the gallery), both, and k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3) on top; then
 diffusion on the mutual-neighbour graph (``diffusion.diffusion_distances``: alpha 0.99, gamma 3,
 5 seed neighbours per query, the graph's k sized by ``diffusion.default_k``) on the plain features
-and on the best, and on the plain features with k fixed at 10, 20 and 50 for comparison.
+and on the best, and on the plain features with k fixed at 10, 20 and 50 for comparison. Seconds:
+the extraction for the feature rows, diffusion alone for its rows.
 
 ``--selection``: instead, diffusion's grid (k 5-50, alpha 0.9 / 0.99) on the training images of
 both protocols (the default data set's 374, openclipart's 1,606 of its 20 training classes),
 images the rows above never score: how ``diffusion.default_k`` was chosen.
+
+``--scale``: instead, diffusion's seconds on synthetic 128-d features in classes of 100 (2,000 to
+32,000 images): building the graph, every image against the others (leave-one-out, up to
+8,000), and 100 new queries.
 """
 from __future__ import annotations
 
@@ -84,6 +89,28 @@ def selection(protocols) -> None:
             print(f"| {alpha} | " + " | ".join(f"{g:+.3f}" for g in gains) + " |", flush=True)
 
 
+def scale() -> None:
+    from utils_cv.similarity.diffusion import DiffusionGraph
+
+    rng = np.random.default_rng(0)
+    print("\n| images | k | graph (s) | leave-one-out (s) | 100 queries (s) |\n|---:|---:|---:|---:|---:|")
+    for n in (2_000, 4_000, 8_000, 16_000, 32_000):
+        centres = rng.normal(size=(n // 100, 128))
+        x = (centres[rng.integers(0, len(centres), n)] + 0.8 * rng.normal(size=(n, 128))).astype(np.float32)
+        queries = (x[:100] + 0.01 * rng.normal(size=(100, 128))).astype(np.float32)
+        t = time.perf_counter()
+        graph = DiffusionGraph(x)
+        built = time.perf_counter() - t
+        loo = ""
+        if n <= 8_000:
+            t = time.perf_counter()
+            graph.distances()
+            loo = f"{time.perf_counter() - t:.1f}"
+        t = time.perf_counter()
+        graph.distances(queries)
+        print(f"| {n:,} | {graph.k} | {built:.1f} | {loo} | {time.perf_counter() - t:.1f} |", flush=True)
+
+
 def run(name, paths, labels, whiten_power: float, dba_k: int, dba_alpha: float) -> None:
     net, tf = model.create_backbone()
     models = {"plain": net, "flip TTA": boosts.flip_model(net), "GeM p=3": boosts.gem_model(net, p=3),
@@ -105,17 +132,19 @@ def run(name, paths, labels, whiten_power: float, dba_k: int, dba_alpha: float) 
         d = rerank.k_reciprocal_rerank(f, None, k1=20, k2=6, lambda_value=0.3)
         rows[f"{label} + re-ranking"] = metrics.evaluate_distances(d, labels)
     for label in dict.fromkeys(("plain", base)):
+        t = time.perf_counter()
         d = diffusion_distances(feats[label])
+        seconds[f"{label} + diffusion (k {default_k(len(paths))})"] = time.perf_counter() - t
         rows[f"{label} + diffusion (k {default_k(len(paths))})"] = metrics.evaluate_distances(d, labels)
     for k in (10, 20, 50):
         if k < len(paths) and k != default_k(len(paths)):
             rows[f"plain + diffusion, k {k}"] = metrics.evaluate_distances(diffusion_distances(feats["plain"], k=k), labels)
     plain = rows["plain"]["map@r"]
     print(f"\n{name}: {len(paths)} images, leave-one-out; base of the post-processing rows: {base}\n")
-    print("| features | " + " | ".join(KEYS) + " | MAP@R vs plain | extraction (s) |")
+    print("| features | " + " | ".join(KEYS) + " | MAP@R vs plain | seconds |")
     print("|---|" + "---:|" * (len(KEYS) + 2))
     for label, r in rows.items():
-        extra = f"{seconds[label]:.0f}" if label in seconds else ""
+        extra = f"{seconds[label]:.1f}" if label in seconds else ""
         print(f"| {label} | " + " | ".join(f"{r[k]:.3f}" for k in KEYS) + f" | {r['map@r'] - plain:+.3f} | {extra} |",
               flush=True)
 
@@ -127,10 +156,14 @@ def main() -> None:
     parser.add_argument("--dba-k", type=int, default=2)
     parser.add_argument("--dba-alpha", type=float, default=3.0)
     parser.add_argument("--selection", action="store_true", help="diffusion's grid on the training images instead")
+    parser.add_argument("--scale", action="store_true", help="diffusion's seconds on synthetic features instead")
     args = parser.parse_args()
     print("$ .venv/bin/python benchmarks/bench_training_free.py " + " ".join(
         f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {v}") for k, v in vars(args).items()
         if v is not False))
+    if args.scale:
+        scale()
+        return
     if args.selection:
         selection(["same", "disjoint"] if args.protocol == "both" else [args.protocol])
         return

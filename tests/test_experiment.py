@@ -56,6 +56,20 @@ def test_baseline_and_bad_recipes(split):
         experiment.sweep(*split, grid={})
 
 
+def test_diffusion_rows_equal_diffusion_computed_apart(split):
+    from utils_cv.similarity import diffusion, features, metrics, model
+
+    base = experiment.imagenet_baseline(split[2], split[3], diffusion={"k": 3})
+    net, transform = model.create_backbone()
+    feats = features.extract_features(net, split[2], transform, progress=False)
+    want = metrics.evaluate_distances(diffusion.diffusion_distances(feats, k=3), split[3])
+    for k in experiment.METRIC_KEYS:
+        assert base[f"diffusion {k}"] == pytest.approx(want[k]) and base[k] == pytest.approx(
+            metrics.evaluate_retrieval(feats, split[3])[k])
+    frame = experiment.table([base])
+    assert list(frame.columns) == list(experiment.METRIC_KEYS) + [f"diffusion {k}" for k in experiment.METRIC_KEYS]
+
+
 def test_run_with_a_metric_learning_loss_and_wise_ft(split):
     # the test half validates (held-out paths), so that WiSE-FT has a MAP@R to choose by
     r = experiment.run(*split, head="metric", loss="proxyanchor", valid=(split[2], split[3]), wise_ft=True, **TINY)

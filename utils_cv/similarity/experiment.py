@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from utils_cv.similarity import boosts
+from utils_cv.similarity import diffusion as diffusion_mod
 from utils_cv.similarity import features as features_mod
 from utils_cv.similarity import metrics
 from utils_cv.similarity import model as model_mod
@@ -53,13 +54,16 @@ def disjoint_split(paths: Sequence, labels: Sequence[str], test_classes: float =
 
 
 def evaluate(net, transform, paths: Sequence, labels: Sequence[str], rerank: bool | dict = False,
-             batch_size: int = 64) -> dict:
+             batch_size: int = 64, diffusion: bool | dict = False) -> dict:
     """Leave-one-out retrieval metrics of ``net``'s features over ``paths``.
 
     Args:
         rerank: also evaluate k-reciprocal re-ranked distances (``True`` for the paper's
             k1=20, k2=6, lambda 0.3, or a dict of those arguments); their metrics get the
             prefix ``"rerank "``.
+        diffusion: also evaluate diffused distances (``diffusion.diffusion_distances``; ``True``
+            for its defaults, or a dict of its arguments); their metrics get the prefix
+            ``"diffusion "``.
     """
     feats = features_mod.extract_features(net, paths, transform, batch_size=batch_size, progress=False)
     result = metrics.evaluate_retrieval(feats, labels)
@@ -69,17 +73,22 @@ def evaluate(net, transform, paths: Sequence, labels: Sequence[str], rerank: boo
         k2 = min(params.pop("k2", 6), k1 + 1)
         distances = rerank_mod.k_reciprocal_rerank(feats, None, k1=k1, k2=k2, **params)
         result.update({f"rerank {k}": v for k, v in metrics.evaluate_distances(distances, labels).items()})
+    if diffusion:
+        params = {} if diffusion is True else dict(diffusion)
+        params["kq"] = min(params.get("kq", diffusion_mod.KQ), len(feats) - 1)
+        distances = diffusion_mod.diffusion_distances(feats, None, **params)
+        result.update({f"diffusion {k}": v for k, v in metrics.evaluate_distances(distances, labels).items()})
     return result
 
 
 def imagenet_baseline(paths: Sequence, labels: Sequence[str], backbone: str = "efficientnet_lite0",
-                      rerank: bool | dict = False) -> dict:
+                      rerank: bool | dict = False, diffusion: bool | dict = False) -> dict:
     """The backbone's ImageNet features (no training, its own preprocessing) evaluated as
     :func:`evaluate` does; the row every trained model is compared with."""
     start = time.perf_counter()
     net, transform = model_mod.create_backbone(backbone)
     result = {"model": f"ImageNet {backbone}", "backbone": backbone, "head": None,
-              **evaluate(net, transform, paths, labels, rerank)}
+              **evaluate(net, transform, paths, labels, rerank, diffusion=diffusion)}
     result["seconds"] = time.perf_counter() - start
     return result
 
@@ -87,7 +96,8 @@ def imagenet_baseline(paths: Sequence, labels: Sequence[str], backbone: str = "e
 def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence, test_labels: Sequence[str],
         head: str = "softmax", seed: int = 0, valid: float | tuple = 0.2, rerank: bool | dict = False,
         name: str | None = None, loss: str | None = None, wise_ft: bool = False, keep_model: bool = False,
-        ensemble: bool | int = False, class_scores: bool = False, **recipe) -> dict:
+        ensemble: bool | int = False, class_scores: bool = False, diffusion: bool | dict = False,
+        **recipe) -> dict:
     """Fine-tune one recipe and evaluate it on the test images.
 
     Args:
@@ -101,6 +111,7 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
         rerank: as in :func:`evaluate`, or ``"validation"``: the parameters that
             :func:`robust.choose_rerank` picks on the validation images (the row's
             ``rerank_params``).
+        diffusion: as in :func:`evaluate`.
         name: the row's name (default: the head, and the loss when given).
         loss: a registered metric-learning loss for ``head="metric"`` (``heads.LOSSES``).
         wise_ft: finish with :func:`robust.wise_ft` (the body mixed with its starting weights).
@@ -149,7 +160,7 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
         rerank = extra["rerank_params"] = robust.choose_rerank(learner).params
     net, transform = train.embedding_model(learner)
     result = {"model": name or (f"{head} {loss}" if loss else head), "head": head, "loss": loss, "seed": seed, **config,
-              **evaluate(net, transform, test_paths, test_labels, rerank),
+              **evaluate(net, transform, test_paths, test_labels, rerank, diffusion=diffusion),
               "train_seconds": train_seconds, "seconds": time.perf_counter() - start, "log": list(fitted.log),
               "best_epoch": fitted.best_epoch, "wise_alpha": fitted.wise_alpha, **extra}
     if keep_model:
@@ -161,28 +172,30 @@ def run(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence
 
 def compare(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequence, test_labels: Sequence[str],
             models: Sequence[tuple[str, str | None]] = (("softmax", None),), flip_tta: bool = True,
-            rerank: bool | dict = False, **run_args) -> list[dict]:
+            rerank: bool | dict = False, diffusion: bool | dict = False, **run_args) -> list[dict]:
     """The ImageNet features and each ``(head, loss)`` of ``models`` trained by :func:`run`
     (``run_args``: seed, valid, recipe overrides), each also with flip test-time augmentation
     (``boosts.flip_model``, a row named ``"... + flip TTA"``) when ``flip_tta``; every row with
-    and without re-ranking when ``rerank``. The comparison of notebook 02."""
-    rows = [imagenet_baseline(test_paths, test_labels, rerank=rerank)]
+    and without re-ranking when ``rerank``, and diffused when ``diffusion``. The comparison of
+    notebook 02."""
+    post = dict(rerank=rerank, diffusion=diffusion)
+    rows = [imagenet_baseline(test_paths, test_labels, **post)]
     if flip_tta:
-        rows.append(_flipped(rows[0], *model_mod.create_backbone(), test_paths, test_labels, rerank))
+        rows.append(_flipped(rows[0], *model_mod.create_backbone(), test_paths, test_labels, **post))
     for head, loss in models:
-        row = run(train_paths, train_labels, test_paths, test_labels, head=head, loss=loss, rerank=rerank,
-                  keep_model=flip_tta, **run_args)
+        row = run(train_paths, train_labels, test_paths, test_labels, head=head, loss=loss, keep_model=flip_tta,
+                  **post, **run_args)
         embedding = row.pop("embedding", None)
         rows.append(row)
         if flip_tta:
-            rows.append(_flipped(row, *embedding, test_paths, test_labels, rerank))
+            rows.append(_flipped(row, *embedding, test_paths, test_labels, **post))
     return rows
 
 
-def _flipped(row: dict, net, transform, paths, labels, rerank) -> dict:
+def _flipped(row: dict, net, transform, paths, labels, rerank, diffusion) -> dict:
     start = time.perf_counter()
     out = {"model": f"{row['model']} + flip TTA", "head": row.get("head"), "loss": row.get("loss"), "flip_tta": True,
-           **evaluate(boosts.flip_model(net), transform, paths, labels, rerank)}
+           **evaluate(boosts.flip_model(net), transform, paths, labels, rerank, diffusion=diffusion)}
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -223,9 +236,10 @@ def sweep(train_paths: Sequence, train_labels: Sequence[str], test_paths: Sequen
 
 def table(rows: Sequence[dict], keys: Sequence[str] = METRIC_KEYS, extra: Sequence[str] = ()):
     """A pandas DataFrame of ``rows`` indexed by model name: the metric ``keys`` (and their
-    ``rerank`` versions when present) then ``extra`` columns."""
+    ``rerank`` and ``diffusion`` versions when present) then ``extra`` columns."""
     import pandas as pd
 
-    cols = list(keys) + [f"rerank {k}" for k in keys if any(f"rerank {k}" in r for r in rows)] + list(extra)
+    cols = list(keys) + [f"{post} {k}" for post in ("rerank", "diffusion") for k in keys
+                         if any(f"{post} {k}" in r for r in rows)] + list(extra)
     frame = pd.DataFrame([{c: r.get(c, np.nan) for c in cols} for r in rows], index=[r["model"] for r in rows])
     return frame
