@@ -122,7 +122,8 @@ def test_02_state_of_the_art(tmp_path):
     # model of the notebook must beat it clearly on these easy drawn shapes
     chance = _chance_map_at_r(n_per_class=2, n_classes=3)
     for key in ("same_imagenet_map_at_r", "same_imagenet_flip_map_at_r", "same_softmax_map_at_r",
-                "same_normsoftmax_map_at_r", "same_softmax_rerank_map_at_r"):
+                "same_normsoftmax_map_at_r", "same_softmax_rerank_map_at_r", "same_imagenet_diffusion_map_at_r",
+                "same_softmax_diffusion_map_at_r"):
         assert chance + 0.15 < r[key] <= 1, (key, r[key], chance)
     # one epoch of a metric-learning loss on a new 512-d neck: a real row, not yet a good one
     assert 0 <= r["same_metric_map_at_r"] <= 1 and 0 <= r["disjoint_metric_map_at_r"] <= 1
@@ -130,6 +131,7 @@ def test_02_state_of_the_art(tmp_path):
     # shapes are near chance for every row, the ImageNet features' included)
     assert 0 <= r["disjoint_pipeline_weight"] <= 1 and 1 <= r["disjoint_pipeline_k1"] <= 4  # 5 validation images
     assert 0 <= r["disjoint_pipeline_map_at_r"] <= 1 and 0 <= r["disjoint_pipeline_rerank_map_at_r"] <= 1
+    assert 0 <= r["disjoint_pipeline_diffusion_map_at_r"] <= 1 and 0 <= r["disjoint_imagenet_diffusion_map_at_r"] <= 1
 
 
 def _chance_map_at_r(n_per_class: int, n_classes: int, draws: int = 200) -> float:
