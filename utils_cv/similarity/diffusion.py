@@ -10,15 +10,16 @@ gallery (L2-normalised, ``n`` images):
    the two are in each other's lists (mutual neighbours: ``W = min(W, W.T)``).
 2. ``S = D^-1/2 W D^-1/2`` with ``D`` the degrees; a query's vector ``y`` holds the same
    weights for its ``kq`` nearest gallery images and 0 elsewhere.
-3. ``f`` solves ``(I - alpha S) f = y`` (directly up to 4,096 images, by conjugate gradient
-   on the sparse ``S`` above), the
+3. ``f`` solves ``(I - alpha S) f = y`` (up to 4,096 images through the inverse, computed once
+   per graph; above, by conjugate gradient on the sparse ``S``), the
    ranking's scores are ``f / sqrt(D)``: as ``alpha`` nears 1, ``f`` tends to ``sqrt(D)``
    whatever the query, so without the division images with many neighbours rank first for
    every query. Gallery images that the walk does not reach (score 0) follow, ordered by
    their cosine distance.
 
-Memory: the graph holds at most ``n k`` weights; each block of queries needs ``n`` floats per
-query, so the dense (nq, n) result is the largest array. :func:`default_k` sizes the graph for
+Memory: the graph holds at most ``n k`` weights, the inverse of a small gallery ``n^2`` floats
+(128 MB at 4,096 images); the (nq, n) result and its float64 blocks come on top.
+:func:`default_k` sizes the graph for
 the collection: the graph's edges must mostly stay inside classes, and small collections have
 small classes (see BENCHMARKS.md, "Training-free improvements").
 """
@@ -41,7 +42,7 @@ GAMMA = 3.0
 K_MAX = 50
 KQ = 5
 _BLOCK_BYTES = 64 * 1024 * 1024  # the (n, queries) float64 blocks of the solver
-_DENSE_MAX = 4096  # up to this many images the system is solved directly (n^3 / 3 flops: 0.1 s at 2,300)
+_DENSE_MAX = 4096  # up to this many images the inverse is computed once (about n^3 flops: 0.4 s at 2,300)
 
 
 def default_k(n: int) -> int:
@@ -100,19 +101,16 @@ class DiffusionGraph:
         self.degree = np.where(degree > 0, degree, 1.0)
         inv_sqrt = sparse.diags(1.0 / np.sqrt(self.degree))
         self._s = (inv_sqrt @ w @ inv_sqrt).tocsr()
+        self._inverse = None  # (I - alpha S)^-1 of a small gallery, made on first use
         log.info("Diffusion graph: %d images, k %d, %d mutual edges, %d without any", n, self.k, w.nnz // 2,
                  self.isolated)
 
     def __len__(self) -> int:
         return len(self.gallery)
 
-    def _solve(self, y: np.ndarray, tol: float, max_iter: int, dense: bool | None = None) -> np.ndarray:
-        """``(I - alpha S) f = y`` for every column of ``y`` at once: LAPACK on the dense matrix for
-        small galleries (``dense=None``: up to 4,096 images), else conjugate gradient until each
-        column's residual falls below ``tol`` times its start (or ``max_iter`` steps)."""
-        if dense or (dense is None and len(self) <= _DENSE_MAX):
-            a = np.eye(len(self)) - self.alpha * self._s.toarray()
-            return np.linalg.solve(a, y)
+    def _solve(self, y: np.ndarray, tol: float, max_iter: int) -> np.ndarray:
+        """``(I - alpha S) f = y`` for every column of ``y`` at once, by conjugate gradient until each
+        column's residual falls below ``tol`` times its start (a warning after ``max_iter`` steps)."""
         f = np.zeros_like(y)
         r = y.copy()
         p = r.copy()
@@ -129,13 +127,26 @@ class DiffusionGraph:
             new = (r * r).sum(0)
             p = r + np.where(active, new / np.maximum(rs, 1e-300), 0.0) * p
             rs = new
+        else:
+            if (rs > stop).any():
+                log.warning("Diffusion: %d of %d queries had not converged after max_iter=%d steps of conjugate "
+                            "gradient; raise max_iter or tol.", int((rs > stop).sum()), y.shape[1], max_iter)
         return f
 
-    def scores(self, queries=None, kq: int = KQ, tol: float = 1e-4, max_iter: int = 500) -> np.ndarray:
+    def _dense_inverse(self) -> np.ndarray:
+        if self._inverse is None:
+            self._inverse = np.linalg.inv(np.eye(len(self)) - self.alpha * self._s.toarray())
+        return self._inverse
+
+    def scores(self, queries=None, kq: int | None = None, tol: float = 1e-4, max_iter: int = 500) -> np.ndarray:
         """(nq, n) diffusion scores of each query over the gallery, larger is closer.
 
-        ``queries=None``: the gallery images themselves, each seeded by its ``kq`` nearest
-        others (leave-one-out); its own score is left as the walk gives it.
+        Args:
+            queries: (nq, d) features; None: the gallery images themselves, each seeded by its
+                ``kq`` nearest others (leave-one-out); its own score is left as the walk gives it.
+            kq: gallery neighbours that seed each query; None: 5, or fewer when the gallery is smaller.
+            tol, max_iter: the conjugate gradient's stop (galleries above 4,096 images): each
+                query's residual below ``tol`` times its start, or ``max_iter`` steps.
         """
         n = len(self)
         same = queries is None
@@ -143,7 +154,10 @@ class DiffusionGraph:
         if q.shape[1] != self.gallery.shape[1]:
             raise ValueError(f"'queries' has dimension {q.shape[1]} but the gallery has {self.gallery.shape[1]}: "
                              "they must match.")
+        kq = min(KQ, n - same) if kq is None else kq
         positive_int(kq, "kq")
+        _number(tol, "tol", 0.0, 1.0, True, True)
+        positive_int(max_iter, "max_iter")
         if kq > n - same:
             raise ValueError(f"The 'kq' parameter ({kq}) must be at most {n - same}, the gallery images a query can "
                              "have as neighbours.")
@@ -151,17 +165,24 @@ class DiffusionGraph:
         seeds = _weights(D, self.gamma)
         out = np.empty((len(q), n), np.float32)
         step = max(1, _BLOCK_BYTES // (8 * n))
+        scale = 1.0 / np.sqrt(self.degree)
         for s in range(0, len(q), step):
             rows = np.arange(min(step, len(q) - s))
-            y = np.zeros((n, len(rows)))
-            y[I[s:s + step], rows[:, None]] = seeds[s:s + step]
-            out[s:s + step] = (self._solve(y, tol, max_iter) / np.sqrt(self.degree)[:, None]).T
+            if n <= _DENSE_MAX:  # f = inverse @ y, and y holds kq non-zeros per query
+                y = sparse.csr_matrix((seeds[s:s + step].ravel(), I[s:s + step].ravel(),
+                                       np.arange(0, len(rows) * kq + 1, kq)), shape=(len(rows), n))
+                out[s:s + step] = (y @ self._dense_inverse()) * scale[None, :]  # the inverse is symmetric
+            else:
+                y = np.zeros((n, len(rows)))
+                y[I[s:s + step], rows[:, None]] = seeds[s:s + step]
+                out[s:s + step] = (self._solve(y, tol, max_iter) * scale[:, None]).T
         return out
 
-    def distances(self, queries=None, kq: int = KQ) -> np.ndarray:
-        """(nq, n) float32 distances in [0, 2], smaller is closer: ``1 - score / (the row's
-        largest score)`` for the images the walk reaches, ``1 + cosine distance / 2`` after them
-        for the rest. ``queries=None``: leave-one-out, with 0 on the diagonal."""
+    def distances(self, queries=None, kq: int | None = None) -> np.ndarray:
+        """(nq, n) float32 distances in [0, 2], smaller is closer: ``1 - score / (2 x the row's
+        largest score)``, in [0.5, 1), for the images the walk reaches, ``1 + cosine distance / 2``
+        after them for the rest. ``queries=None``: leave-one-out, with 0 on the diagonal only, so
+        each image comes first in its own row."""
         same = queries is None
         f = self.scores(queries, kq=kq)
         q = self.gallery if same else l2_normalize(as_matrix(queries, "queries"))
@@ -169,13 +190,13 @@ class DiffusionGraph:
             np.fill_diagonal(f, 0.0)
         top = np.maximum(f.max(axis=1, keepdims=True), np.finfo(np.float32).tiny)
         cos = np.clip(1.0 - q @ self.gallery.T, 0.0, 2.0)
-        out = np.where(f > 0, 1.0 - f / top, 1.0 + cos / 2.0).astype(np.float32)
+        out = np.where(f > 0, 1.0 - 0.5 * f / top, 1.0 + cos / 2.0).astype(np.float32)
         if same:
             np.fill_diagonal(out, 0.0)
         return out
 
 
-def diffusion_distances(query, gallery=None, k: int | None = None, kq: int = KQ, alpha: float = ALPHA,
+def diffusion_distances(query, gallery=None, k: int | None = None, kq: int | None = None, alpha: float = ALPHA,
                         gamma: float = GAMMA) -> np.ndarray:
     """Diffused distances between ``query`` (nq, d) and ``gallery`` (ng, d) features, the
     counterpart of :func:`utils_cv.similarity.rerank.k_reciprocal_rerank`.
@@ -185,10 +206,16 @@ def diffusion_distances(query, gallery=None, k: int | None = None, kq: int = KQ,
             (leave-one-out); the result is (nq, nq) and its diagonal is each image against itself
             (``metrics.evaluate_distances(D, labels)`` leaves it out).
         k, alpha, gamma: the graph's (:class:`DiffusionGraph`); ``k=None`` sizes it for the gallery.
-        kq: gallery neighbours that seed each query (5).
+        kq: gallery neighbours that seed each query (None: 5, or fewer in a smaller gallery).
 
     Returns:
         (nq, ng) float32 distances, smaller is closer (rank with ``np.argsort(.., axis=1)``).
     """
-    graph = DiffusionGraph(query if gallery is None else gallery, k=k, alpha=alpha, gamma=gamma)
-    return graph.distances(None if gallery is None else query, kq=kq)
+    q = as_matrix(query, "query")
+    g = None if gallery is None else as_matrix(gallery, "gallery")
+    if g is not None and q.shape[1] != g.shape[1]:
+        raise ValueError(f"'query' has dimension {q.shape[1]} but 'gallery' has {g.shape[1]}: they must match.")
+    if g is None and len(q) < 2:
+        raise ValueError(f"The 'query' parameter must hold at least 2 images to be its own gallery; got {len(q)}.")
+    graph = DiffusionGraph(q if g is None else g, k=k, alpha=alpha, gamma=gamma)
+    return graph.distances(None if g is None else q, kq=kq)

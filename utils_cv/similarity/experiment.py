@@ -75,7 +75,6 @@ def evaluate(net, transform, paths: Sequence, labels: Sequence[str], rerank: boo
         result.update({f"rerank {k}": v for k, v in metrics.evaluate_distances(distances, labels).items()})
     if diffusion:
         params = {} if diffusion is True else dict(diffusion)
-        params["kq"] = min(params.get("kq", diffusion_mod.KQ), len(feats) - 1)
         distances = diffusion_mod.diffusion_distances(feats, None, **params)
         result.update({f"diffusion {k}": v for k, v in metrics.evaluate_distances(distances, labels).items()})
     return result
