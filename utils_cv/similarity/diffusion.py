@@ -11,17 +11,16 @@ gallery (L2-normalised, ``n`` images):
 2. ``S = D^-1/2 W D^-1/2`` with ``D`` the degrees; a query's vector ``y`` holds the same
    weights for its ``kq`` nearest gallery images and 0 elsewhere.
 3. ``f`` solves ``(I - alpha S) f = y`` (up to 4,096 images through the inverse, computed once
-   per graph; above, by conjugate gradient on the sparse ``S``), the
-   ranking's scores are ``f / sqrt(D)``: as ``alpha`` nears 1, ``f`` tends to ``sqrt(D)``
-   whatever the query, so without the division images with many neighbours rank first for
-   every query. Gallery images that the walk does not reach (score 0) follow, ordered by
-   their cosine distance.
+   per graph; above, by conjugate gradient on the sparse ``S``), and the ranking's scores are
+   ``f / sqrt(D)``: as ``alpha`` nears 1, ``f`` tends to ``sqrt(D)`` whatever the query, so
+   without the division images with many neighbours rank first for every query. Gallery
+   images that the walk does not reach (score 0) follow, ordered by their cosine distance.
 
 Memory: the graph holds at most ``n k`` weights, the inverse of a small gallery ``n^2`` floats
 (128 MB at 4,096 images); the (nq, n) result and its float64 blocks come on top.
-:func:`default_k` sizes the graph for
-the collection: the graph's edges must mostly stay inside classes, and small collections have
-small classes (see BENCHMARKS.md, "Training-free improvements").
+:func:`default_k` sizes the graph for the collection: the graph's edges must mostly stay inside
+classes, and small collections have small classes (see BENCHMARKS.md, "Training-free
+improvements").
 """
 from __future__ import annotations
 
@@ -41,8 +40,9 @@ ALPHA = 0.99  # the paper's values
 GAMMA = 3.0
 K_MAX = 50
 KQ = 5
+_TOL, _MAX_ITER = 1e-4, 500  # the conjugate gradient's stop
 _BLOCK_BYTES = 64 * 1024 * 1024  # the (n, queries) float64 blocks of the solver
-_DENSE_MAX = 4096  # up to this many images the inverse is computed once (about n^3 flops: 0.4 s at 2,300)
+_DENSE_MAX = 4096  # up to this many images the inverse is computed once (n^3 flops, n^2 float64)
 
 
 def default_k(n: int) -> int:
@@ -138,7 +138,7 @@ class DiffusionGraph:
             self._inverse = np.linalg.inv(np.eye(len(self)) - self.alpha * self._s.toarray())
         return self._inverse
 
-    def scores(self, queries=None, kq: int | None = None, tol: float = 1e-4, max_iter: int = 500) -> np.ndarray:
+    def scores(self, queries=None, kq: int | None = None, tol: float = _TOL, max_iter: int = _MAX_ITER) -> np.ndarray:
         """(nq, n) diffusion scores of each query over the gallery, larger is closer.
 
         Args:
@@ -148,12 +148,19 @@ class DiffusionGraph:
             tol, max_iter: the conjugate gradient's stop (galleries above 4,096 images): each
                 query's residual below ``tol`` times its start, or ``max_iter`` steps.
         """
-        n = len(self)
-        same = queries is None
-        q = self.gallery if same else l2_normalize(as_matrix(queries, "queries"))
+        return self._scores(self._queries(queries), queries is None, kq, tol, max_iter)
+
+    def _queries(self, queries) -> np.ndarray:
+        if queries is None:
+            return self.gallery
+        q = l2_normalize(as_matrix(queries, "queries"))
         if q.shape[1] != self.gallery.shape[1]:
             raise ValueError(f"'queries' has dimension {q.shape[1]} but the gallery has {self.gallery.shape[1]}: "
                              "they must match.")
+        return q
+
+    def _scores(self, q: np.ndarray, same: bool, kq: int | None, tol: float, max_iter: int) -> np.ndarray:
+        n = len(self)
         kq = min(KQ, n - same) if kq is None else kq
         positive_int(kq, "kq")
         _number(tol, "tol", 0.0, 1.0, True, True)
@@ -184,8 +191,8 @@ class DiffusionGraph:
         after them for the rest. ``queries=None``: leave-one-out, with 0 on the diagonal only, so
         each image comes first in its own row."""
         same = queries is None
-        f = self.scores(queries, kq=kq)
-        q = self.gallery if same else l2_normalize(as_matrix(queries, "queries"))
+        q = self._queries(queries)
+        f = self._scores(q, same, kq, _TOL, _MAX_ITER)
         if same:
             np.fill_diagonal(f, 0.0)
         top = np.maximum(f.max(axis=1, keepdims=True), np.finfo(np.float32).tiny)
