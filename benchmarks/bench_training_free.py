@@ -41,42 +41,32 @@ from utils_cv.similarity.whitening import PCAWhitening, database_augmentation
 KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 
 
-def _same():
+def _same(train: bool = False):
+    """The default data set's test images (or, ``train``, its training images), split as in
+    bench_training_quality.py."""
     paths, labels = data.list_images(data.default_dataset())
-    _, te = data.split_by_image(paths, labels, test_size=0.2, seed=0)
-    return "same classes, default data set", [paths[i] for i in te], [labels[i] for i in te]
+    idx = data.split_by_image(paths, labels, test_size=0.2, seed=0)[0 if train else 1]
+    name = "default data set, training images" if train else "same classes, default data set"
+    return name, [paths[i] for i in idx], [labels[i] for i in idx]
 
 
-def _disjoint():
+def _disjoint(train: bool = False):
+    """openclipart's test classes (or, ``train``, its training classes)."""
     from build_openclipart import default_location
 
     root = default_location()
-    manifest = json.loads((root / "MANIFEST.json").read_text())
+    classes_train = set(json.loads((root / "MANIFEST.json").read_text())["classes_train"])
     paths, labels = data.list_images(root)
-    train = set(manifest["classes_train"])
-    keep = [i for i, label in enumerate(labels) if label not in train]
-    return "disjoint classes, openclipart", [paths[i] for i in keep], [labels[i] for i in keep]
-
-
-def _train_images(protocol: str):
-    if protocol == "same":
-        paths, labels = data.list_images(data.default_dataset())
-        tr, _ = data.split_by_image(paths, labels, test_size=0.2, seed=0)
-        return "default data set, training images", [paths[i] for i in tr], [labels[i] for i in tr]
-    from build_openclipart import default_location
-
-    root = default_location()
-    train = set(json.loads((root / "MANIFEST.json").read_text())["classes_train"])
-    paths, labels = data.list_images(root)
-    keep = [i for i, label in enumerate(labels) if label in train]
-    return "openclipart, training classes", [paths[i] for i in keep], [labels[i] for i in keep]
+    keep = [i for i, label in enumerate(labels) if (label in classes_train) == train]
+    name = "openclipart, training classes" if train else "disjoint classes, openclipart"
+    return name, [paths[i] for i in keep], [labels[i] for i in keep]
 
 
 def selection(protocols) -> None:
     net, tf = model.create_backbone()
     ks, alphas = (5, 10, 20, 30, 50), (0.9, 0.99)
     for protocol in protocols:
-        name, paths, labels = _train_images(protocol)
+        name, paths, labels = (_same if protocol == "same" else _disjoint)(train=True)
         x = features.extract_features(net, paths, tf, progress=False)
         plain = metrics.evaluate_retrieval(x, labels)["map@r"]
         print(f"\n{name}: {len(paths)} images, plain MAP@R {plain:.3f}; MAP@R change with diffusion "

@@ -31,7 +31,7 @@ import numpy as np
 from scipy import sparse
 
 from utils_cv.similarity._checks import as_matrix, positive_int
-from utils_cv.similarity.distances import knn, l2_normalize
+from utils_cv.similarity.distances import knn, l2_normalize, pairwise_distances
 
 __all__ = ["ALPHA", "GAMMA", "K_MAX", "KQ", "DiffusionGraph", "default_k", "diffusion_distances"]
 
@@ -196,7 +196,7 @@ class DiffusionGraph:
         if same:
             np.fill_diagonal(f, 0.0)
         top = np.maximum(f.max(axis=1, keepdims=True), np.finfo(np.float32).tiny)
-        cos = np.clip(1.0 - q @ self.gallery.T, 0.0, 2.0)
+        cos = np.clip(pairwise_distances(q, self.gallery, "cosine"), 0.0, 2.0)
         out = np.where(f > 0, 1.0 - 0.5 * f / top, 1.0 + cos / 2.0).astype(np.float32)
         if same:
             np.fill_diagonal(out, 0.0)

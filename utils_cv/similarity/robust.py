@@ -116,11 +116,16 @@ class EnsembleResult:
     scores: dict
 
 
-def _validation_checked(learner, what: str):
+def _validation(learner, what: str):
     cb = retrieval_validation(learner)
     if cb is None or not cb.measures:
         raise ValueError(f"{what} chooses its weight by the retrieval validation: create the learner with "
-                         "validation images (train.create_learner(..., valid=0.2)).")
+                         "validation images (train.create_learner(..., valid=0.2)), 2 or more of a class.")
+    return cb
+
+
+def _validation_checked(learner, what: str):
+    cb = _validation(learner, what)
     if cb.start_state is None:
         raise ValueError(f"{what} needs the weights before training: fine-tune first.")
     return cb
@@ -245,10 +250,7 @@ def check_class_scores(learner):
     """Raise the ValueError :func:`class_scores` would raise after training, before it: no
     retrieval validation, a head or loss without class logits, the starting network already kept
     beside the model (the command line checks before it trains). Returns the validation."""
-    cb = retrieval_validation(learner)
-    if cb is None or not cb.measures:
-        raise ValueError("class_scores chooses its weight by the retrieval validation: create the learner with "
-                         "validation images (train.create_learner(..., valid=0.2)), 2 or more of a class.")
+    cb = _validation(learner, "class_scores")
     net = learner.model
     if not net.logits or net.config.get("loss", net.default_loss) != net.default_loss or net.reference is not None:
         net.set_score_weight(net.score_weight)  # raises, saying which
