@@ -12,7 +12,8 @@ queries and gallery (leave-one-out), as in bench_training_quality.py:
 Rows (EfficientNet-Lite0, ImageNet weights, 224 px): plain features; horizontal-flip TTA; GeM
 pooling (p = 3); both; then on the best of those: PCA whitening fitted on the gallery itself
 (``whitening.PCAWhitening``), alpha-DBA (k 2, alpha 3: every vector, queries included, since
-they are the gallery), both, and k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3) on top; then
+they are the gallery), both, alpha-QE (each query expanded with its 2 nearest other images,
+alpha 3, then searched against the gallery as it is, and against the alpha-DBA gallery), and k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3) on top; then
 diffusion on the mutual-neighbour graph (``diffusion.diffusion_distances``: alpha 0.99, gamma 3,
 5 seed neighbours per query, the graph's k sized by ``diffusion.default_k``) on the plain features
 and on the best, and on the plain features with k fixed at 10, 20 and 50 for comparison. Seconds:
@@ -36,7 +37,8 @@ import numpy as np
 
 from utils_cv.similarity import boosts, data, features, metrics, model, rerank
 from utils_cv.similarity.diffusion import default_k, diffusion_distances
-from utils_cv.similarity.whitening import PCAWhitening, database_augmentation
+from utils_cv.similarity.distances import pairwise_distances
+from utils_cv.similarity.whitening import PCAWhitening, database_augmentation, query_expansion
 
 KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r")
 
@@ -119,6 +121,10 @@ def run(name, paths, labels, whiten_power: float, dba_k: int, dba_alpha: float) 
     rows[f"{base} + DBA"] = metrics.evaluate_retrieval(database_augmentation(x, k=dba_k, alpha=dba_alpha), labels)
     both = database_augmentation(white, k=dba_k, alpha=dba_alpha)
     rows[f"{base} + whitening + DBA"] = metrics.evaluate_retrieval(both, labels)
+    dba = database_augmentation(x, k=dba_k, alpha=dba_alpha)
+    for label, g in ((f"{base} + QE", x), (f"{base} + DBA + QE", dba)):  # expanded queries against the gallery
+        q = query_expansion(g, g, k=dba_k, alpha=dba_alpha, exclude_self=True)
+        rows[label] = metrics.evaluate_distances(pairwise_distances(q, g), labels)
     for label, f in ((base, x), (f"{base} + whitening + DBA", both)):
         d = rerank.k_reciprocal_rerank(f, None, k1=20, k2=6, lambda_value=0.3)
         rows[f"{label} + re-ranking"] = metrics.evaluate_distances(d, labels)
