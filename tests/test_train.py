@@ -189,14 +189,16 @@ def test_embeddings_softmax_penultimate_and_normsoftmax_unit_norm(folder):
     torch.testing.assert_close(z.norm(dim=1), torch.ones(3))
 
 
-@pytest.mark.parametrize("head", ["softmax", "normsoftmax"])
-def test_save_load_round_trip_gives_identical_embeddings(folder, tmp_path, head):
+@pytest.mark.parametrize("head,loss", [("softmax", None), ("normsoftmax", None), ("metric", "proxyanchor")])
+def test_save_load_round_trip_gives_identical_embeddings(folder, tmp_path, head, loss):
     paths, _ = folder
-    learn = _learner(folder, head=head, validate_every_epoch=False)
+    if loss:
+        pytest.importorskip("pytorch_metric_learning")
+    learn = _learner(folder, head=head, loss=loss, validate_every_epoch=False)
     train.fine_tune(learn, 1, freeze_epochs=0, progress=False)
     path = train.save(learn, tmp_path / "model.pth")
     meta = json.loads((tmp_path / "model.pth.json").read_text())
-    assert meta["backbone"] == "efficientnet_lite0" and meta["head"] == head
+    assert meta["backbone"] == "efficientnet_lite0" and meta["head"] == head and meta.get("loss") == loss
     assert meta["classes"] == ["circles", "squares", "stripes"] and "torch" in meta["versions"]
     m1, tf1 = train.embedding_model(learn)
     m2, tf2 = train.load(path)
