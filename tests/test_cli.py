@@ -203,6 +203,21 @@ def test_train_validating_on_held_out_classes_with_class_scores_and_the_starting
     assert code == 1 and "gives no class logits" in err and not (tmp_path / "metric.pth").exists()
 
 
+def test_train_with_a_metric_learning_loss_by_name(tmp_path, capsys):
+    pytest.importorskip("pytorch_metric_learning")
+    folder = draw_image_folder(tmp_path / "images", per_class=6)
+    model = tmp_path / "model.pth"
+    code, stdout, err = run(capsys, "train", folder, "--out", model, "--head", "metric", "--loss", "proxyanchor",
+                            "--epochs", "1", "--freeze-epochs", "0", "--image-size", "64", "--batch-size", "8")
+    assert code == 0, err
+    assert "metric head, proxyanchor" in stdout
+    meta = json.loads((tmp_path / "model.pth.json").read_text())
+    assert meta["head"] == "metric" and meta["loss"] == "proxyanchor"
+    with pytest.raises(SystemExit) as exc:
+        run(capsys, "train", folder, "--out", tmp_path / "other.pth", "--loss", "nope")
+    assert exc.value.code == 2 and "--loss" in capsys.readouterr().err and not (tmp_path / "other.pth").exists()
+
+
 def test_labels_needed_errors_say_how_to_lay_out_the_folder(photo_folder, tmp_path, capsys):
     code, _, err = run(capsys, "evaluate", photo_folder)
     assert code == 1 and "one sub-folder per class" in err

@@ -200,8 +200,8 @@ def cmd_train(args) -> int:
         tr, va = splits.split_by_class(paths, labels, max(2, round(0.2 * len(set(labels)))), seed=args.seed)
         (paths, labels), valid = ([[xs[i] for i in tr] for xs in (paths, labels)],
                                   tuple([xs[i] for i in va] for xs in (paths, labels)))
-    learner = train.create_learner(paths, labels, backbone=args.backbone, head=args.head, valid=valid,
-                                   image_size=args.image_size, seed=args.seed, batch_size=args.batch_size)
+    learner = train.create_learner(paths, labels, backbone=args.backbone, head=args.head, loss=args.loss,
+                                   valid=valid, image_size=args.image_size, seed=args.seed, batch_size=args.batch_size)
     if args.class_scores:  # what would refuse them after training refuses them before
         robust.check_class_scores(learner)
     result = train.fine_tune(learner, args.epochs, freeze_epochs=args.freeze_epochs, lr=args.lr,
@@ -209,7 +209,8 @@ def cmd_train(args) -> int:
     scores = robust.class_scores(learner).weight if args.class_scores else 0.0  # before the ensemble
     mix = robust.output_ensemble(learner).weight if args.ensemble else 0.0
     saved, config = checkpoint.save(learner, args.out), learner.model.config
-    print(f"model: {_shown(saved)} ({config['backbone']}, {args.head} head, {config['image_size']} px; best "
+    print(f"model: {_shown(saved)} ({config['backbone']}, {args.head} head{', ' + args.loss if args.loss else ''}, "
+          f"{config['image_size']} px; best "
           f"validation epoch {result.best_epoch} of {len(result.log) - 1}, {result.seconds:.0f} s"
           + (f"; class scores at weight {scores:.1f}" if args.class_scores else "")
           + (f"; starting features kept at weight {mix:.1f}" if args.ensemble else "") + ")")
@@ -354,18 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train_options(p) -> None:
     from utils_cv.similarity import model as model_mod
-    from utils_cv.similarity.heads import HEADS, RECIPES
+    from utils_cv.similarity.heads import HEADS, LOSSES, RECIPES
 
     recipe = RECIPES["softmax"]
     p.add_argument("--backbone", help=f"one of {model_mod.available_backbones()} or timm/<name> "
                                       f"(default: the recipe's, {recipe['backbone']})")
     p.add_argument("--head", default="softmax", choices=list(HEADS), help="default %(default)s; each head has its "
                    "own recipe (utils_cv.similarity.heads.RECIPES)")
+    p.add_argument("--loss", choices=list(LOSSES), help="default: the head's own (metric: multisimilarity)")
     p.add_argument("--epochs", type=int, help=f"unfrozen epochs (softmax recipe: {recipe['epochs']})")
-    p.add_argument("--freeze-epochs", type=int,
-                   help=f"epochs training only the head first (softmax recipe: {recipe['freeze_epochs']})")
-    p.add_argument("--image-size", type=positive_int_text,
-                   help=f"input side in pixels (softmax recipe: {recipe['image_size']})")
+    p.add_argument("--freeze-epochs", type=int, help=f"head-only epochs first (softmax: {recipe['freeze_epochs']})")
+    p.add_argument("--image-size", type=positive_int_text, help=f"input side, px (softmax: {recipe['image_size']})")
     p.add_argument("--lr", type=float, default=None, help="the head's learning rate (default: the recipe's)")
     p.add_argument("--batch-size", type=positive_int_text, default=32)
     p.add_argument("--seed", type=int, default=0)

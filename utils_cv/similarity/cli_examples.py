@@ -14,6 +14,7 @@ EXAMPLES = {
     "train": "examples:\n  utils-cv-similarity train labelled/ --out model.pth\n"
              "  utils-cv-similarity train labelled/ --out model.pth --head normsoftmax --epochs 12\n"
              "  utils-cv-similarity train labelled/ --out model.pth --class-scores  # to search these classes\n"
+             "  utils-cv-similarity train labelled/ --out model.pth --head metric --loss proxyanchor\n"
              "  utils-cv-similarity train labelled/ --out model.pth --valid-classes --ensemble  # to search others",
     "evaluate": "examples:\n  utils-cv-similarity evaluate labelled/\n"
                 "  utils-cv-similarity evaluate labelled/ --model model.pth --json",
