@@ -13,7 +13,8 @@ Rows (EfficientNet-Lite0, ImageNet weights, 224 px): plain features; horizontal-
 pooling (p = 3); both; then on the best of those: PCA whitening fitted on the gallery itself
 (``whitening.PCAWhitening``), alpha-DBA (k 2, alpha 3: every vector, queries included, since
 they are the gallery), both, alpha-QE (each query expanded with its 2 nearest other images,
-alpha 3, then searched against the gallery as it is, and against the alpha-DBA gallery), and k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3) on top; then
+alpha 3, then searched against the gallery as it is, and against the alpha-DBA gallery), and
+k-reciprocal re-ranking (k1 20, k2 6, lambda 0.3) on top; then
 diffusion on the mutual-neighbour graph (``diffusion.diffusion_distances``: alpha 0.99, gamma 3,
 5 seed neighbours per query, the graph's k sized by ``diffusion.default_k``) on the plain features
 and on the best, and on the plain features with k fixed at 10, 20 and 50 for comparison. Seconds:
@@ -118,10 +119,10 @@ def run(name, paths, labels, whiten_power: float, dba_k: int, dba_alpha: float) 
     x = feats[base]
     white = PCAWhitening.fit(x, power=whiten_power)(x)
     rows[f"{base} + whitening"] = metrics.evaluate_retrieval(white, labels)
-    rows[f"{base} + DBA"] = metrics.evaluate_retrieval(database_augmentation(x, k=dba_k, alpha=dba_alpha), labels)
+    dba = database_augmentation(x, k=dba_k, alpha=dba_alpha)
+    rows[f"{base} + DBA"] = metrics.evaluate_retrieval(dba, labels)
     both = database_augmentation(white, k=dba_k, alpha=dba_alpha)
     rows[f"{base} + whitening + DBA"] = metrics.evaluate_retrieval(both, labels)
-    dba = database_augmentation(x, k=dba_k, alpha=dba_alpha)
     for label, g in ((f"{base} + QE", x), (f"{base} + DBA + QE", dba)):  # expanded queries against the gallery
         q = query_expansion(g, g, k=dba_k, alpha=dba_alpha, exclude_self=True)
         rows[label] = metrics.evaluate_distances(pairwise_distances(q, g), labels)
