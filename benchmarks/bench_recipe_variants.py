@@ -24,6 +24,7 @@ import time
 
 from torch import nn
 
+from utils_cv.common.versions import versions_line
 from utils_cv.similarity import callbacks, data, features, metrics, train
 
 VARIANTS = {
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
+    print(f"versions: {versions_line()}\n", flush=True)  # the same seed learns differently with other versions
     paths, labels = data.list_images(data.default_dataset())
     tr, te = data.split_by_image(paths, labels, test_size=0.2, seed=0)
     p_tr, l_tr = [paths[i] for i in tr], [labels[i] for i in tr]

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from utils_cv.common.versions import versions_line
 from utils_cv.similarity import data, features, metrics, model, rerank, robust, train
 from utils_cv.similarity.callbacks import retrieval_validation
 from utils_cv.similarity.heads import RECIPES  # the one source of the recipes measured on the default data set
@@ -235,6 +236,7 @@ def main() -> None:
                         help="with --ensemble or --class-scores: save each model's test and validation features (.npz) in DIR, "
                              "to study post-processing without training again")
     args = parser.parse_args()
+    print(f"versions: {versions_line()}", flush=True)  # the same seed learns differently with other versions
     CLASS_SCORES["on"] = args.class_scores
     if args.class_scores and any(METHODS[m][0] == "metric" for m in args.methods):  # refused before training
         parser.error("--class-scores needs class logits: the metric head's methods give none")

@@ -45,6 +45,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
+    from utils_cv.common.versions import versions_line
+
+    print(f"versions: {versions_line()}", flush=True)
     import fastai.vision.all as fv
 
     from utils_cv.similarity import data, model, train

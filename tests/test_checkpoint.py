@@ -224,3 +224,16 @@ def test_a_save_that_runs_out_of_room_says_so_and_keeps_the_previous_file(tmp_pa
     module, _ = checkpoint.load(target)
     assert module.metadata["image_size"] == 32
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_versions_line_names_the_installed_training_libraries_and_skips_missing_ones():
+    import fastai
+    import PIL
+
+    from utils_cv.common.versions import versions_line
+
+    line = versions_line()
+    assert line.startswith("utils_cv ")
+    assert f"torch {torch.__version__}" in line and f"fastai {fastai.__version__}" in line
+    assert f"PIL {PIL.__version__}" in line
+    assert versions_line("numpy", "no_such_library_here") == f"utils_cv {__import__('utils_cv').__version__}, numpy {np.__version__}"

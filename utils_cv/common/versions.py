@@ -15,3 +15,14 @@ def library_versions(*names: str) -> dict[str, str]:
         except (ImportError, AttributeError):
             continue
     return out
+
+
+TRAINING_LIBRARIES = ("torch", "torchvision", "fastai", "fastcore", "timm", "PIL", "numpy")
+"""The libraries whose versions change what the same training seed learns (the recipe's numbers
+moved between installs of different versions: README "Quality")."""
+
+
+def versions_line(*names: str) -> str:
+    """``"utils_cv 0.1.0, torch 2.4.0, ..."``: :func:`library_versions` as one line, for the
+    head of a benchmark's output (``names`` defaults to :data:`TRAINING_LIBRARIES`)."""
+    return ", ".join(f"{k} {v}" for k, v in library_versions(*(names or TRAINING_LIBRARIES)).items())
