@@ -12,7 +12,7 @@ def library_versions(*names: str) -> dict[str, str]:
     for name in names:
         try:
             out[name] = importlib.import_module(name).__version__
-        except (ImportError, AttributeError):
+        except Exception:  # noqa: BLE001 - a library that fails to import (e.g. a version clash) is left out, not fatal
             continue
     return out
 
