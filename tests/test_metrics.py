@@ -160,7 +160,7 @@ def _tie_heavy(n, seed, distance):
 
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
-@pytest.mark.parametrize("tile", [1024, 7])
+@pytest.mark.parametrize("tile", [1024, 16, 7])  # 16: full tiles a power of two wide
 def test_equals_the_previous_implementation_with_ties(monkeypatch, distance, tile):
     monkeypatch.setattr(ranking, "_TILE", tile)
     for seed in range(2):

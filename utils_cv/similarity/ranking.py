@@ -120,7 +120,7 @@ def _keys(rows: np.ndarray, values: np.ndarray) -> np.ndarray:
     ``searchsorted`` place every candidate of a tile on its own row's rungs."""
     bits = (values + np.float32(0.0)).view(np.int32).astype(np.int64)
     order = np.where(bits >= 0, bits, -(bits & 0x7FFFFFFF)) + (1 << 31)
-    return (rows.astype(np.int64) << 32) | order
+    return (rows.astype(np.int64, copy=False) << 32) | order
 
 
 def _distances(keys: np.ndarray) -> np.ndarray:
@@ -184,7 +184,11 @@ class _Ladders:
         flat = np.flatnonzero(mask)
         if len(flat) == 0:
             return
-        a, b = np.divmod(flat, d.shape[1])
+        width = d.shape[1]
+        if width & (width - 1) == 0:  # a full tile: a shift and a mask instead of an integer division
+            a, b = flat >> (width.bit_length() - 1), flat & (width - 1)
+        else:
+            a, b = np.divmod(flat, width)
         r, c = (b + r0, a + c0) if by_columns else (a + r0, b + c0)
         v = d.reshape(-1)[flat]
         # rows and columns are in class order: only a tile whose classes overlap holds relevant pairs
@@ -193,21 +197,27 @@ class _Ladders:
             r, c, v = r[other], c[other], v[other]
             if len(r) == 0:
                 return
-        # each candidate placed on its own row's rungs: the first rung not below it
+        # each candidate placed on its own row's rungs: the first rung not below it. A candidate
+        # is no farther than its row's threshold, which is one of the row's rungs, so it lands
+        # on a rung of its own row (never past the last one) unless a tie moves it on
         lo, hi = self.offsets[r0], self.offsets[r0 + n]
         rungs = self.keys[lo:hi]
         k = _keys(r, v)
-        pos = torch.searchsorted(torch.from_numpy(rungs), torch.from_numpy(k)).numpy()
-        tied = pos < hi - lo
-        tied &= rungs[np.minimum(pos, hi - lo - 1)] == k
-        pos += lo
-        end = self.offsets[r + 1]
-        tied &= pos < end
-        tied = np.flatnonzero(tied)
+        perm = None
+        if by_columns:  # candidates come in column order: in row order the search walks the rungs once
+            perm = np.argsort((r - r0).astype(np.int16), kind="stable")  # a radix sort (n <= _TILE rows)
+            k = k[perm]
+        pos = torch.searchsorted(torch.from_numpy(rungs), torch.from_numpy(k)).numpy()  # from lo
+        tied = np.flatnonzero(rungs[np.minimum(pos, hi - lo - 1)] == k)
         if len(tied):  # equal distances: relevant items of lower index come first
-            pos[tied] += self._tied_before(r[tied], v[tied], self.col_orig[c[tied]])
-        pos = pos[pos < end]  # past the last rung: it precedes no relevant item
-        self.counts[lo:hi] += np.bincount(pos - lo, minlength=hi - lo).astype(np.int32)
+            at = tied if perm is None else perm[tied]
+            rt = r[at]
+            pos[tied] += self._tied_before(rt, v[at], self.col_orig[c[at]])
+            past = pos[tied] >= self.offsets[rt + 1] - lo  # after the row's last rung: precedes no relevant item
+            if past.any():
+                pos = np.delete(pos, tied[past])
+        counted = np.bincount(pos, minlength=hi - lo)
+        np.add(self.counts[lo:hi], counted, out=self.counts[lo:hi], casting="unsafe")
         if self.tighten:  # lowered once the rows gained ~8 counts each: a pass over their ladders costs a tile
             gained = self._gained.get(r0, 0) + len(pos)
             self._gained[r0] = 0 if gained >= 8 * n else gained
