@@ -185,7 +185,7 @@ class _Ladders:
         if len(flat) == 0:
             return
         width = d.shape[1]
-        if width & (width - 1) == 0:  # a full tile: a shift and a mask instead of an integer division
+        if width & (width - 1) == 0:  # a power of two (full tiles): a shift and a mask, not an integer division
             a, b = flat >> (width.bit_length() - 1), flat & (width - 1)
         else:
             a, b = np.divmod(flat, width)
@@ -205,7 +205,8 @@ class _Ladders:
         k = _keys(r, v)
         perm = None
         if by_columns:  # candidates come in column order: in row order the search walks the rungs once
-            perm = np.argsort((r - r0).astype(np.int16), kind="stable")  # a radix sort (n <= _TILE rows)
+            small = np.int16 if n < 1 << 15 else np.int64  # 16-bit keys: numpy sorts them by radix
+            perm = np.argsort((r - r0).astype(small), kind="stable")
             k = k[perm]
         pos = torch.searchsorted(torch.from_numpy(rungs), torch.from_numpy(k)).numpy()  # from lo
         tied = np.flatnonzero(rungs[np.minimum(pos, hi - lo - 1)] == k)
