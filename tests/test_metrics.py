@@ -66,6 +66,28 @@ def test_bad_arguments_are_named():
         metrics.evaluate_retrieval(col(0, 1), ["a", "a"], distance="manhattan")
 
 
+def test_rows_whose_distances_would_overflow_float32_are_refused_by_name():
+    huge = np.array([[1.5e19], [1.5e19], [0.0], [1.0]], dtype=np.float32)
+    with pytest.raises(ValueError, match="'query'.*overflow"):
+        metrics.evaluate_retrieval(huge, [0, 1, 2, 2])
+    with pytest.raises(ValueError, match="'reference'.*overflow"):
+        metrics.evaluate_retrieval(col(0, 1), ["a", "b"], huge, [0, 1, "a", "b"])
+    # large but safe: every distance stays finite, and the ranks are those of the exact reference
+    big = np.array([[4e18, 0], [4e18, 1e18], [0, 0], [1e18, 0]], dtype=np.float32)
+    got, kept = metrics.relevant_ranks(big, [0, 0, 1, 1])
+    expected, kept_ref = _previous_relevant_ranks(big, np.array([0, 0, 1, 1]))
+    assert kept.tolist() == kept_ref.tolist() and [g.tolist() for g in got] == [e.tolist() for e in expected]
+
+
+def test_a_query_without_relevant_items_gets_no_candidate_even_at_minus_infinity():
+    # the kernel on its own (the public functions refuse such rows): the l2 product of the two
+    # 1.5e19 rows overflows to -inf, and the lone query of class 1 must not count it anywhere
+    x = np.array([[0.0], [1.5e19], [1.5e19]], dtype=np.float32)
+    y = np.array([0, 0, 1])
+    res = ranking.rank_relevant(x, y, None, None, "l2", depth="all")
+    assert res.query.tolist() == [0, 1] and res.ranks.tolist() == [1, 2]
+
+
 def _clustered(n, d, classes, seed, spread=1.5):
     rng = np.random.default_rng(seed)
     centers = rng.normal(size=(classes, d))

@@ -151,7 +151,9 @@ class _Ladders:
         total = int(offsets[-1])
         self.keys = np.empty(total, dtype=np.int64)
         self.counts = np.zeros(total, dtype=np.int32)
-        self.threshold = np.full(n_rows, -np.inf, dtype=np.float32)
+        # NaN passes no comparison: a row without relevant items never gets a candidate, not even
+        # an entry at -inf (an l2 product can overflow there)
+        self.threshold = np.full(n_rows, np.nan, dtype=np.float32)
         self._mask = np.empty(_TILE * _TILE, dtype=bool)
         bounds = np.flatnonzero(np.diff(cls)) + 1  # rows of one class are consecutive
         for a, b in zip(np.r_[0, bounds], np.r_[bounds, n_rows]):
