@@ -12,6 +12,8 @@ NAN = X.copy()
 NAN[3, 1] = np.nan
 INF = X.copy()
 INF[0, 0] = np.inf
+HUGE = X.copy()
+HUGE[2] = 1e19  # finite, but a float32 distance to this row overflows
 
 CASES = [
     # (call, expected words in the message)
@@ -51,6 +53,11 @@ CASES = [
     (lambda: rerank.k_reciprocal_rerank(X[:0], X, k1=3, k2=2), "'query'"),
     (lambda: index_tuning.clustered_vectors(-1, 4), "'n'"),
     (lambda: SimilarityIndex.build(np.zeros((3, 0), np.float32), range(3)), "'features'.*0 columns"),
+    (lambda: index.knn(X, HUGE, 3), "'reference'.*overflow"),
+    (lambda: index.pairwise_distances(HUGE, X), "'query'.*overflow"),
+    (lambda: SimilarityIndex.build(HUGE, range(20)), "'features'.*overflow"),
+    (lambda: metrics.evaluate_retrieval(HUGE, Y), "'query'.*overflow"),
+    (lambda: rerank.k_reciprocal_rerank(X, HUGE, k1=3, k2=2), "overflow"),
 ]
 
 

@@ -14,8 +14,12 @@ __all__ = ["DISTANCES", "as_matrix", "check_distance", "check_labels", "positive
 DISTANCES = ("l2", "cosine")
 
 
+_MAX_SQUARED_NORM = float(np.finfo(np.float32).max) / 4  # |x|^2 + |y|^2 + 2|x||y| stays finite below it
+
+
 def as_matrix(x, name: str) -> np.ndarray:
-    """``x`` as a C-contiguous float32 (n, d) array of finite values, or a ValueError naming ``name``."""
+    """``x`` as a C-contiguous float32 (n, d) array of finite values whose float32 distances
+    cannot overflow (rows of L2 norm under about 9.2e18), or a ValueError naming ``name``."""
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"The {name!r} parameter must be a 2-D (n, d) array. Got shape {x.shape} instead.")
@@ -27,6 +31,11 @@ def as_matrix(x, name: str) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"The {name!r} parameter contains NaN or infinite values.")
+    if len(x) and x.shape[1] * max(float(x.max()), -float(x.min())) ** 2 > _MAX_SQUARED_NORM:  # one cheap bound first
+        largest = float(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64).max()))
+        if largest * largest > _MAX_SQUARED_NORM:  # a distance (or a norm) between such rows overflows float32
+            raise ValueError(f"The {name!r} parameter has rows of L2 norm up to {largest:.3g}: distances between such "
+                             f"rows overflow float32. Scale the features down first (e.g. L2-normalise them).")
     return x
 
 

@@ -43,27 +43,9 @@ METRICS = ("recall", "precision@1", "r_precision", "map@r", "map", "mrr")  # "re
 _FIRST_RANK_ONLY = {"recall", "precision@1", "mrr"}  # these need only the first relevant item's rank
 
 
-_MAX_SQUARED_NORM = float(np.finfo(np.float32).max) / 4  # |x|^2 + |y|^2 + 2|x||y| stays finite below it
-
-
-def _check_norms(x: np.ndarray, name: str) -> None:
-    """Refuse rows so long that a float32 distance between two of them overflows (it would come
-    out infinite and rank wrongly), naming the parameter."""
-    if not len(x):
-        return
-    peak = max(float(x.max()), -float(x.min()))  # no temporary the size of x
-    if x.shape[1] * peak * peak <= _MAX_SQUARED_NORM:  # one cheap pass proves it for almost every input
-        return
-    largest = float(np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64).max()))
-    if largest * largest > _MAX_SQUARED_NORM:
-        raise ValueError(f"The {name!r} parameter has rows of L2 norm up to {largest:.3g}: distances between such "
-                         f"rows overflow float32. Scale the features down first (e.g. L2-normalise them).")
-
-
 def _prepare(query, query_labels, reference, reference_labels, distance):
     check_distance(distance)
     q = as_matrix(query, "query")
-    _check_norms(q, "query")
     if len(q) == 0:
         raise ValueError("The 'query' parameter is empty.")
     y_q = check_labels(query_labels, "query_labels", len(q))
@@ -72,7 +54,6 @@ def _prepare(query, query_labels, reference, reference_labels, distance):
             raise ValueError("'reference_labels' was given without 'reference'.")
         return q, y_q, None, None
     r = as_matrix(reference, "reference")
-    _check_norms(r, "reference")
     if reference_labels is None:
         raise ValueError("'reference_labels' is needed with 'reference'.")
     y_r = check_labels(reference_labels, "reference_labels", len(r))
