@@ -17,6 +17,9 @@ On the data of ``bench_metrics.py`` (seeded, clustered, rows in class order) it 
    the final ones of the R-limited ranking (each sampled row's R-th nearest other item), the
    lowest that ranking reaches.
 2. What each step of a 2,048 x 2,048 tile costs in both ways, in the same run.
+3. How dense the float32 candidates are inside a real run of the current kernel, where the
+   thresholds come down only as counts arrive (``--in-run``; it counts in a subclass of the
+   kernel's private ``_Ladders``).
 
 A pass counts missed candidates too; any would be a fault of the bound.
 """
@@ -128,6 +131,34 @@ def tile_costs(k: int) -> list[tuple[str, float]]:
     ]
 
 
+def in_run_density(x: torch.Tensor, y: np.ndarray) -> list[tuple[str, float, float]]:
+    """(metrics, share of rows with a candidate, candidates per row) over every tile read."""
+    from utils_cv.similarity import metrics, ranking
+
+    seen = {"rows": 0, "hit": 0, "candidates": 0}
+
+    class Counting(ranking._Ladders):
+        def count(self, d, r0, c0, row_cls, col_cls, by_columns):
+            n = d.shape[1] if by_columns else d.shape[0]
+            t = self.threshold[r0 : r0 + n]
+            m = d <= (t[None, :] if by_columns else t[:, None])
+            seen["rows"] += n
+            seen["hit"] += int((m.any(0) if by_columns else m.any(1)).sum())
+            seen["candidates"] += int(m.sum())
+            return super().count(d, r0, c0, row_cls, col_cls, by_columns)
+
+    out, plain = [], ranking._Ladders
+    ranking._Ladders = Counting
+    try:
+        for names in (("precision@1", "r_precision", "map@r"), ("recall", "mrr")):
+            seen.update(rows=0, hit=0, candidates=0)
+            metrics.evaluate_retrieval(x.numpy(), y, metrics=names)
+            out.append((", ".join(names), seen["hit"] / seen["rows"], seen["candidates"] / seen["rows"]))
+    finally:
+        ranking._Ladders = plain
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=100_000)
@@ -135,6 +166,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--every", type=int, default=50, help="sample every k-th row")
     parser.add_argument("--tiles", type=int, default=8)
+    parser.add_argument("--in-run", action="store_true", help="also count the candidates inside a real run")
     args = parser.parse_args()
     x, y = data(args.n, args.d, args.classes)
     rows = np.arange(0, args.n, args.every)
@@ -163,6 +195,11 @@ def main() -> None:
     print(f"\na tile read by rows and by columns, candidates found (placing them is left out): float32 {now:.2f} ms "
           f"(product, 2 comparisons, 2 scans); bfloat16 {bf:.2f} ms (product, 2 comparisons of the bits, 2 scans, "
           f"the passed pairs recomputed): {now / bf:.1f}x")
+    if args.in_run:
+        print("\n| float32 candidates inside a real run, metrics= | rows with a candidate, per read | candidates a row, per read |")
+        print("|---|---:|---:|")
+        for names, hit, per in in_run_density(x, y):
+            print(f"| {names} | {hit:.3f} | {per:.2f} |")
 
 if __name__ == "__main__":
     main()
