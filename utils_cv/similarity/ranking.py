@@ -43,6 +43,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import _prefilter
+
 __all__ = ["RankedRelevant", "rank_relevant"]
 
 _TILE = 2048  # rows and columns of a tile (16 MB): large enough for the product to keep both
@@ -50,6 +52,7 @@ _TILE = 2048  # rows and columns of a tile (16 MB): large enough for the product
 _STATE_BYTES = 256 * 1024 * 1024  # per-(query, relevant item) state held at once
 _PHASE1_BYTES = 64 * 1024 * 1024  # one class's (rows x relevant items) block of distances
 _MIN_ROWS = 16
+_PREFILTER: bool | None = None  # None: wherever _prefilter.usable() (tests force it either way)
 
 
 @dataclass
@@ -144,6 +147,7 @@ class _Ladders:
         self.class_start, self.num_relevant = starts, sizes - (1 if loo else 0)
         lengths = np.minimum(self.num_relevant, 1) if depth == "first" else self.num_relevant
         self.tighten = depth == "within"
+        self.shift = 1.0 if left.cosine else 0.0  # the prefilter's cosine values are 1 + distance
         self._gained: dict[int, int] = {}  # row block -> counts added since its thresholds were last lowered
         offsets = np.zeros(n_rows + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -183,18 +187,25 @@ class _Ladders:
         # the one pass over every entry: torch's comparison runs on all cores, numpy's on one
         torch.le(torch.from_numpy(d), torch.from_numpy(t[None, :] if by_columns else t[:, None]),
                  out=torch.from_numpy(mask))
+        flat, a, b = self._positions(mask)
+        if len(flat):
+            self._place(a, b, d.reshape(-1)[flat], r0, c0, d.shape, row_cls, col_cls, by_columns)
+
+    @staticmethod
+    def _positions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Flat index, row and column in the tile of each set entry of ``mask`` (row-major order)."""
         flat = np.flatnonzero(mask)
-        if len(flat) == 0:
-            return
-        width = d.shape[1]
+        width = mask.shape[1]
         if width & (width - 1) == 0:  # a power of two (full tiles): a shift and a mask, not an integer division
-            a, b = flat >> (width.bit_length() - 1), flat & (width - 1)
-        else:
-            a, b = np.divmod(flat, width)
+            return flat, flat >> (width.bit_length() - 1), flat & (width - 1)
+        return (flat, *np.divmod(flat, width))
+
+    def _place(self, a, b, v, r0: int, c0: int, shape, row_cls, col_cls, by_columns: bool) -> None:
+        """Place candidates at tile positions (a, b) with float32 distances v on their rows' rungs."""
+        n = shape[1] if by_columns else shape[0]
         r, c = (b + r0, a + c0) if by_columns else (a + r0, b + c0)
-        v = d.reshape(-1)[flat]
         # rows and columns are in class order: only a tile whose classes overlap holds relevant pairs
-        if row_cls[r0] <= col_cls[c0 + (d.shape[0] if by_columns else d.shape[1]) - 1] and col_cls[c0] <= row_cls[r0 + n - 1]:
+        if row_cls[r0] <= col_cls[c0 + (shape[0] if by_columns else shape[1]) - 1] and col_cls[c0] <= row_cls[r0 + n - 1]:
             other = row_cls[r] != col_cls[c]
             r, c, v = r[other], c[other], v[other]
             if len(r) == 0:
@@ -317,7 +328,12 @@ def rank_relevant(q: np.ndarray, y_q: np.ndarray, r: np.ndarray | None, y_r: np.
     symmetric = loo and len(chunks) == 1
     ranks, num_relevant, offsets = [], [], [np.zeros(1, dtype=np.int64)]
     n_ref = len(right)
-    tile = torch.empty(_TILE * _TILE)
+    # the nearest relevant item alone leaves few candidates: found in a bfloat16 product where that
+    # pays (_prefilter). Not for "within": its thresholds fall only as counts arrive, and until
+    # then most rows of a tile hold one (measured: slower)
+    filtered = depth == "first" and (_prefilter.usable() if _PREFILTER is None else _PREFILTER)
+    tile = torch.empty(_TILE * _TILE, dtype=torch.bfloat16 if filtered else torch.float32)
+    dense = torch.empty(_TILE * _TILE) if filtered else tile  # float32 tiles where candidates are dense
     with torch.inference_mode():
         for rows in chunks:
             lad = _Ladders(left, right, row_cls, col_cls, r_order, rows, loo, depth)
@@ -325,10 +341,21 @@ def rank_relevant(q: np.ndarray, y_q: np.ndarray, r: np.ndarray | None, y_r: np.
             for j0 in range(0, n_ref, _TILE):
                 j1 = min(n_ref, j0 + _TILE)
                 right_op = right.right(j0, j1)
+                rb = _prefilter.operand(right_op, right.cosine, right=True) if filtered else None
                 for i0 in range(rows.start, j1 if symmetric else rows.stop, _TILE):
                     i1 = min(rows.stop, i0 + _TILE)
                     d = tile[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
-                    _mm(left.left(i0, i1), right_op, out=d)
+                    left_op = left.left(i0, i1)
+                    if filtered:
+                        lb = _prefilter.operand(left_op, left.cosine, right=False)
+                        bits = torch.mm(lb.bf16, rb.bf16.T, out=d).view(torch.int16).numpy()
+                        reads = [(i0 - rows.start, j0, chunk_cls, False)]
+                        if symmetric and i0 != j0:  # the same tile read by columns: rows j, columns i
+                            reads.append((j0, i0, row_cls, True))
+                        if _prefilter.count_tile(lad, bits, left_op, right_op, lb, rb, reads, col_cls, _mm):
+                            continue
+                        d = dense[: d.numel()].view(d.shape)
+                    _mm(left_op, right_op, out=d)
                     dn = d.numpy()
                     lad.count(dn, i0 - rows.start, j0, chunk_cls, col_cls, by_columns=False)
                     if symmetric and i0 != j0:  # the same tile read by columns: rows j, columns i

@@ -1,0 +1,134 @@
+"""The bfloat16 prefilter of the ranking kernel (utils_cv/similarity/_prefilter.py): its bound
+holds entry by entry, and ranks found through it equal the float32 kernel's, bit for bit."""
+import numpy as np
+import pytest
+import torch
+
+from utils_cv.similarity import _prefilter, metrics, ranking
+
+
+def _clustered(n, d, classes, seed, spread=1.0, scale=1.0, offset=0.0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, d))
+    y = rng.integers(0, classes, n)
+    x = (centers[y] + rng.normal(scale=spread, size=(n, d))) * scale + offset
+    return np.ascontiguousarray(x, dtype=np.float32), y
+
+
+def _first(q, yq, r, yr, distance, prefilter, monkeypatch):
+    monkeypatch.setattr(ranking, "_PREFILTER", prefilter)
+    out = ranking.rank_relevant(q, yq, r, yr, distance, depth="first")
+    return out.query.tolist(), out.ranks.tolist(), out.num_relevant.tolist()
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("scale,offset", [(1.0, 0.0), (1e4, 0.0), (1.0, 50.0), (1e-3, 0.0)])
+def test_operands_bound_every_entry_at_its_own_threshold(distance, scale, offset):
+    # the tightest case: each entry's threshold is its own float32 distance, so it must pass
+    x, _ = _clustered(300, 24, 6, seed=1, scale=scale, offset=offset)
+    ops = ranking._Operands(x, np.arange(len(x)), distance)
+    left, right = ops.left(0, 300), ops.right(0, 300)
+    d32 = ranking._mm(left, right).numpy()
+    lb, rb = _prefilter.operand(left, ops.cosine, right=False), _prefilter.operand(right, ops.cosine, right=True)
+    bits = (lb.bf16 @ rb.bf16.T).view(torch.int16).numpy()
+    shift = 1.0 if ops.cosine else 0.0
+    e_rows = _prefilter.bound(lb.norm, lb.resid, rb)
+    e_cols = _prefilter.bound(rb.norm, rb.resid, lb)
+    for i in range(0, 300, 7):
+        assert (bits[i] <= _prefilter.threshold_bits(d32[i], np.full(300, e_rows[i]), shift)).all()
+        assert (bits[:, i] <= _prefilter.threshold_bits(d32[:, i], np.full(300, e_cols[i]), shift)).all()
+    # and the bound is not vacuous: most entries would fail a threshold a little below them
+    i = 5
+    lower = _prefilter.threshold_bits(d32[i] - 4 * e_rows[i] - 0.02 * np.abs(d32[i]) - 1e-30, np.full(300, e_rows[i]), shift)
+    assert (bits[i] > lower).mean() > 0.5
+
+
+def test_threshold_bits_round_up_and_mark_rows_without_threshold():
+    rng = np.random.default_rng(0)
+    t = np.concatenate([rng.normal(size=500) * 10.0 ** rng.integers(-30, 30, 500), [0.0, -0.0, 1e38, np.nan, -5.0]])
+    bits = _prefilter.threshold_bits(t.astype(np.float32), np.zeros(len(t)), 0.0)
+    values = torch.from_numpy(bits.copy()).view(torch.bfloat16).float().numpy()
+    finite = ~np.isnan(t)
+    assert (values[finite] >= np.maximum(t[finite].astype(np.float32), 0)).all()
+    assert bits[np.isnan(t)].tolist() == [np.iinfo(np.int16).min]
+    assert (values[finite] >= 0).all()
+
+
+def test_products_of_row_or_column_subsets_equal_the_whole_tile_bit_for_bit():
+    # what the prefilter's recomputation rests on (as do the per-class products of the ladders)
+    x, _ = _clustered(700, 130, 9, seed=2)
+    ops = ranking._Operands(x, np.arange(len(x)), "l2")
+    left, right = ops.left(0, 700), ops.right(0, 640)
+    whole = ranking._mm(left, right).numpy()
+    rng = np.random.default_rng(3)
+    for k in (1, 3, 15, 16, 17, 100, 513):
+        rows = np.sort(rng.choice(700, k, replace=False))
+        cols = np.sort(rng.choice(640, k, replace=False))
+        assert np.array_equal(ranking._mm(left[torch.from_numpy(rows)], right).numpy(), whole[rows])
+        assert np.array_equal(ranking._mm(left, right[torch.from_numpy(cols)]).numpy(), whole[:, cols])
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("tile", [2048, 64, 37])
+def test_first_ranks_through_the_prefilter_equal_the_float32_kernel(monkeypatch, distance, tile):
+    monkeypatch.setattr(ranking, "_TILE", tile)
+    x, y = _clustered(900, 16, 30, seed=4, spread=0.6)
+    y[:3] = 1000 + np.arange(3)  # queries without a relevant item
+    for args in ((x, y, None, None), (x[:300], y[:300], x[300:], y[300:])):
+        plain = _first(*args, distance, False, monkeypatch)
+        assert _first(*args, distance, True, monkeypatch) == plain
+    monkeypatch.setattr(ranking, "_STATE_BYTES", 16 * 200)  # queries in chunks: no symmetric tiles
+    assert _first(x, y, None, None, distance, True, monkeypatch) == _first(x, y, None, None, distance, False, monkeypatch)
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_prefilter_keeps_ties_and_duplicates_in_order(monkeypatch, distance):
+    # integer rows (many exact ties) and exact copies of rows under other labels, large norms
+    rng = np.random.default_rng(5)
+    x = rng.integers(-3, 4, size=(400, 6)).astype(np.float32) * 1000
+    x[200:260] = x[:60]
+    y = rng.integers(0, 8, 400)
+    monkeypatch.setattr(ranking, "_TILE", 64)
+    for args in ((x, y, None, None), (x[:150], y[:150], x[150:], y[150:])):
+        assert _first(*args, distance, True, monkeypatch) == _first(*args, distance, False, monkeypatch)
+    monkeypatch.setattr(ranking, "_PREFILTER", True)
+    fast = metrics.evaluate_retrieval(x, y, distance=distance, metrics=("recall", "precision@1", "mrr"))
+    monkeypatch.setattr(ranking, "_PREFILTER", False)
+    assert metrics.evaluate_retrieval(x, y, distance=distance, metrics=("recall", "precision@1", "mrr")) == fast
+
+
+def test_dense_tiles_fall_back_to_float32_with_equal_results(monkeypatch):
+    # labels that do not follow the data: the nearest relevant item is far, most entries are
+    # candidates, and tiles go to the float32 path; sparse ones stay filtered
+    x, _ = _clustered(600, 8, 4, seed=6)
+    y = np.random.default_rng(7).integers(0, 3, 600)
+    y[:300] = np.arange(300)  # half the rows in classes of one: tiles with few candidates too
+    outcomes = []
+    real = _prefilter.count_tile
+
+    def spy(*args, **kwargs):
+        outcomes.append(real(*args, **kwargs))
+        return outcomes[-1]
+
+    monkeypatch.setattr(ranking, "_TILE", 64)
+    monkeypatch.setattr(_prefilter, "count_tile", spy)
+    assert _first(x, y, None, None, "l2", True, monkeypatch) == _first(x, y, None, None, "l2", False, monkeypatch)
+    assert True in outcomes and False in outcomes
+
+
+def test_only_the_nearest_relevant_depth_uses_it(monkeypatch):
+    calls = []
+    real = _prefilter.count_tile
+    monkeypatch.setattr(_prefilter, "count_tile", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(ranking, "_PREFILTER", True)
+    x, y = _clustered(300, 8, 10, seed=8)
+    metrics.evaluate_retrieval(x, y)
+    metrics.evaluate_retrieval(x, y, metrics=("r_precision", "map@r"))
+    assert not calls
+    metrics.evaluate_retrieval(x, y, metrics=("recall", "mrr"))
+    assert calls
+
+
+def test_usable_is_decided_once_and_is_a_bool():
+    assert _prefilter.usable() in (True, False)
+    assert _prefilter.usable.cache_info().currsize == 1
