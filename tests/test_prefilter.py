@@ -1,10 +1,10 @@
-"""The bfloat16 prefilter of the ranking kernel (utils_cv/similarity/_prefilter.py): its bound
+"""The bfloat16 prefilter of the ranking kernel (utils_cv/similarity/prefilter.py): its bound
 holds entry by entry, and ranks found through it equal the float32 kernel's, bit for bit."""
 import numpy as np
 import pytest
 import torch
 
-from utils_cv.similarity import _prefilter, metrics, ranking
+from utils_cv.similarity import prefilter, metrics, ranking
 
 
 def _clustered(n, d, classes, seed, spread=1.0, scale=1.0, offset=0.0):
@@ -29,24 +29,24 @@ def test_operands_bound_every_entry_at_its_own_threshold(distance, scale, offset
     ops = ranking._Operands(x, np.arange(len(x)), distance)
     left, right = ops.left(0, 300), ops.right(0, 300)
     d32 = ranking._mm(left, right).numpy()
-    lb, rb = _prefilter.operand(left, ops.cosine, right=False), _prefilter.operand(right, ops.cosine, right=True)
+    lb, rb = prefilter.operand(left, ops.cosine, right=False), prefilter.operand(right, ops.cosine, right=True)
     bits = (lb.bf16 @ rb.bf16.T).view(torch.int16).numpy()
     shift = 1.0 if ops.cosine else 0.0
-    e_rows = _prefilter.bound(lb.norm, lb.resid, rb)
-    e_cols = _prefilter.bound(rb.norm, rb.resid, lb)
+    e_rows = prefilter.bound(lb.norm, lb.resid, rb)
+    e_cols = prefilter.bound(rb.norm, rb.resid, lb)
     for i in range(0, 300, 7):
-        assert (bits[i] <= _prefilter.threshold_bits(d32[i], np.full(300, e_rows[i]), shift)).all()
-        assert (bits[:, i] <= _prefilter.threshold_bits(d32[:, i], np.full(300, e_cols[i]), shift)).all()
+        assert (bits[i] <= prefilter.threshold_bits(d32[i], np.full(300, e_rows[i]), shift)).all()
+        assert (bits[:, i] <= prefilter.threshold_bits(d32[:, i], np.full(300, e_cols[i]), shift)).all()
     # and the bound is not vacuous: most entries would fail a threshold a little below them
     i = 5
-    lower = _prefilter.threshold_bits(d32[i] - 4 * e_rows[i] - 0.02 * np.abs(d32[i]) - 1e-30, np.full(300, e_rows[i]), shift)
+    lower = prefilter.threshold_bits(d32[i] - 4 * e_rows[i] - 0.02 * np.abs(d32[i]) - 1e-30, np.full(300, e_rows[i]), shift)
     assert (bits[i] > lower).mean() > 0.5
 
 
 def test_threshold_bits_round_up_and_mark_rows_without_threshold():
     rng = np.random.default_rng(0)
     t = np.concatenate([rng.normal(size=500) * 10.0 ** rng.integers(-30, 30, 500), [0.0, -0.0, 1e38, np.nan, -5.0]])
-    bits = _prefilter.threshold_bits(t.astype(np.float32), np.zeros(len(t)), 0.0)
+    bits = prefilter.threshold_bits(t.astype(np.float32), np.zeros(len(t)), 0.0)
     values = torch.from_numpy(bits.copy()).view(torch.bfloat16).float().numpy()
     finite = ~np.isnan(t)
     assert (values[finite] >= np.maximum(t[finite].astype(np.float32), 0)).all()
@@ -70,7 +70,7 @@ def test_products_of_row_or_column_subsets_equal_the_whole_tile_bit_for_bit():
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 @pytest.mark.parametrize("tile", [2048, 64, 37])
-def test_first_ranks_through_the_prefilter_equal_the_float32_kernel(monkeypatch, distance, tile):
+def test_first_ranks_through_theprefilter_equal_the_float32_kernel(monkeypatch, distance, tile):
     monkeypatch.setattr(ranking, "_TILE", tile)
     x, y = _clustered(900, 16, 30, seed=4, spread=0.6)
     y[:3] = 1000 + np.arange(3)  # queries without a relevant item
@@ -82,7 +82,7 @@ def test_first_ranks_through_the_prefilter_equal_the_float32_kernel(monkeypatch,
 
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
-def test_prefilter_keeps_ties_and_duplicates_in_order(monkeypatch, distance):
+def testprefilter_keeps_ties_and_duplicates_in_order(monkeypatch, distance):
     # integer rows (many exact ties) and exact copies of rows under other labels, large norms
     rng = np.random.default_rng(5)
     x = rng.integers(-3, 4, size=(400, 6)).astype(np.float32) * 1000
@@ -104,22 +104,22 @@ def test_dense_tiles_fall_back_to_float32_with_equal_results(monkeypatch):
     y = np.random.default_rng(7).integers(0, 3, 600)
     y[:300] = np.arange(300)  # half the rows in classes of one: tiles with few candidates too
     outcomes = []
-    real = _prefilter.count_tile
+    real = prefilter.count_tile
 
     def spy(*args, **kwargs):
         outcomes.append(real(*args, **kwargs))
         return outcomes[-1]
 
     monkeypatch.setattr(ranking, "_TILE", 64)
-    monkeypatch.setattr(_prefilter, "count_tile", spy)
+    monkeypatch.setattr(prefilter, "count_tile", spy)
     assert _first(x, y, None, None, "l2", True, monkeypatch) == _first(x, y, None, None, "l2", False, monkeypatch)
     assert True in outcomes and False in outcomes
 
 
 def test_only_the_nearest_relevant_depth_uses_it(monkeypatch):
     calls = []
-    real = _prefilter.count_tile
-    monkeypatch.setattr(_prefilter, "count_tile", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = prefilter.count_tile
+    monkeypatch.setattr(prefilter, "count_tile", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(ranking, "_PREFILTER", True)
     x, y = _clustered(300, 8, 10, seed=8)
     metrics.evaluate_retrieval(x, y)
@@ -130,5 +130,5 @@ def test_only_the_nearest_relevant_depth_uses_it(monkeypatch):
 
 
 def test_usable_is_decided_once_and_is_a_bool():
-    assert _prefilter.usable() in (True, False)
-    assert _prefilter.usable.cache_info().currsize == 1
+    assert prefilter.usable() in (True, False)
+    assert prefilter.usable.cache_info().currsize == 1

@@ -30,7 +30,9 @@ squared L2 (the same order as L2) and ``x . -y`` on unit rows for cosine, so the
 large products, and every tile, compute a distance the same way and no pass over a tile is
 spent turning products into distances. Values agree with ``|x - y|^2`` to float32 rounding.
 The product, the one comparison of every entry with its row's threshold and the placing run
-on torch (all cores); the rest of a tile's work, on its few candidates, on numpy.
+on torch (all cores); the rest of a tile's work, on its few candidates, on numpy. When only
+the first relevant item is wanted, tiles are found in a bfloat16 product and only the rows or
+columns holding a candidate are multiplied in float32 (:mod:`prefilter`: same results).
 Memory: one tile, and per relevant (query, item) pair a (row, distance) key and a count (12
 bytes; the ranks that come out take 8); operands are made a tile at a time from the caller's rows. When
 the pairs would pass ``_STATE_BYTES`` the queries are taken in chunks, each against the whole
@@ -43,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import _prefilter
+from utils_cv.similarity import prefilter
 
 __all__ = ["RankedRelevant", "rank_relevant"]
 
@@ -52,7 +54,7 @@ _TILE = 2048  # rows and columns of a tile (16 MB): large enough for the product
 _STATE_BYTES = 256 * 1024 * 1024  # per-(query, relevant item) state held at once
 _PHASE1_BYTES = 64 * 1024 * 1024  # one class's (rows x relevant items) block of distances
 _MIN_ROWS = 16
-_PREFILTER: bool | None = None  # None: wherever _prefilter.usable() (tests force it either way)
+_PREFILTER: bool | None = None  # None: wherever prefilter.usable() (tests force it either way)
 
 
 @dataclass
@@ -158,7 +160,7 @@ class _Ladders:
         # NaN passes no comparison: a row without relevant items never gets a candidate, not even
         # an entry at -inf (an l2 product can overflow there)
         self.threshold = np.full(n_rows, np.nan, dtype=np.float32)
-        self._mask = np.empty(_TILE * _TILE, dtype=bool)
+        self.mask = np.empty(_TILE * _TILE, dtype=bool)
         bounds = np.flatnonzero(np.diff(cls)) + 1  # rows of one class are consecutive
         for a, b in zip(np.r_[0, bounds], np.r_[bounds, n_rows]):
             c0, m = int(starts[a]), int(sizes[a])
@@ -183,16 +185,16 @@ class _Ladders:
         (the transposed half of a symmetric tile)."""
         n = d.shape[1] if by_columns else d.shape[0]
         t = self.threshold[r0 : r0 + n]
-        mask = self._mask[: d.size].reshape(d.shape)
+        mask = self.mask[: d.size].reshape(d.shape)
         # the one pass over every entry: torch's comparison runs on all cores, numpy's on one
         torch.le(torch.from_numpy(d), torch.from_numpy(t[None, :] if by_columns else t[:, None]),
                  out=torch.from_numpy(mask))
-        flat, a, b = self._positions(mask)
+        flat, a, b = self.positions(mask)
         if len(flat):
-            self._place(a, b, d.reshape(-1)[flat], r0, c0, d.shape, row_cls, col_cls, by_columns)
+            self.place(a, b, d.reshape(-1)[flat], r0, c0, d.shape, row_cls, col_cls, by_columns)
 
     @staticmethod
-    def _positions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def positions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Flat index, row and column in the tile of each set entry of ``mask`` (row-major order)."""
         flat = np.flatnonzero(mask)
         width = mask.shape[1]
@@ -200,7 +202,7 @@ class _Ladders:
             return flat, flat >> (width.bit_length() - 1), flat & (width - 1)
         return (flat, *np.divmod(flat, width))
 
-    def _place(self, a, b, v, r0: int, c0: int, shape, row_cls, col_cls, by_columns: bool) -> None:
+    def place(self, a, b, v, r0: int, c0: int, shape, row_cls, col_cls, by_columns: bool) -> None:
         """Place candidates at tile positions (a, b) with float32 distances v on their rows' rungs."""
         n = shape[1] if by_columns else shape[0]
         r, c = (b + r0, a + c0) if by_columns else (a + r0, b + c0)
@@ -329,9 +331,9 @@ def rank_relevant(q: np.ndarray, y_q: np.ndarray, r: np.ndarray | None, y_r: np.
     ranks, num_relevant, offsets = [], [], [np.zeros(1, dtype=np.int64)]
     n_ref = len(right)
     # the nearest relevant item alone leaves few candidates: found in a bfloat16 product where that
-    # pays (_prefilter). Not for "within": its thresholds fall only as counts arrive, and until
+    # pays (prefilter). Not for "within": its thresholds fall only as counts arrive, and until
     # then most rows of a tile hold one (measured: slower)
-    filtered = depth == "first" and (_prefilter.usable() if _PREFILTER is None else _PREFILTER)
+    filtered = depth == "first" and (prefilter.usable() if _PREFILTER is None else _PREFILTER)
     tile = torch.empty(_TILE * _TILE, dtype=torch.bfloat16 if filtered else torch.float32)
     dense = torch.empty(_TILE * _TILE) if filtered else tile  # float32 tiles where candidates are dense
     with torch.inference_mode():
@@ -341,18 +343,18 @@ def rank_relevant(q: np.ndarray, y_q: np.ndarray, r: np.ndarray | None, y_r: np.
             for j0 in range(0, n_ref, _TILE):
                 j1 = min(n_ref, j0 + _TILE)
                 right_op = right.right(j0, j1)
-                rb = _prefilter.operand(right_op, right.cosine, right=True) if filtered else None
+                rb = prefilter.operand(right_op, right.cosine, right=True) if filtered else None
                 for i0 in range(rows.start, j1 if symmetric else rows.stop, _TILE):
                     i1 = min(rows.stop, i0 + _TILE)
                     d = tile[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
                     left_op = left.left(i0, i1)
                     if filtered:
-                        lb = _prefilter.operand(left_op, left.cosine, right=False)
+                        lb = prefilter.operand(left_op, left.cosine, right=False)
                         bits = torch.mm(lb.bf16, rb.bf16.T, out=d).view(torch.int16).numpy()
                         reads = [(i0 - rows.start, j0, chunk_cls, False)]
                         if symmetric and i0 != j0:  # the same tile read by columns: rows j, columns i
                             reads.append((j0, i0, row_cls, True))
-                        if _prefilter.count_tile(lad, bits, left_op, right_op, lb, rb, reads, col_cls, _mm):
+                        if prefilter.count_tile(lad, bits, left_op, right_op, lb, rb, reads, col_cls, _mm):
                             continue
                         d = dense[: d.numel()].view(d.shape)
                     _mm(left_op, right_op, out=d)

@@ -103,14 +103,14 @@ def count_tile(lad, bits: np.ndarray, left_op: torch.Tensor, right_op: torch.Ten
     (``mm``, the kernel of every other product) of the rows, or columns, that hold one; entries
     above the exact thresholds are dropped."""
     found = []
-    mask = lad._mask[: bits.size].reshape(bits.shape)
+    mask = lad.mask[: bits.size].reshape(bits.shape)
     for r0, _, _, by_columns in reads:
         n = bits.shape[1] if by_columns else bits.shape[0]
         t = lad.threshold[r0 : r0 + n]
         own, other = (rb, lb) if by_columns else (lb, rb)
         limit = threshold_bits(t, bound(own.norm, own.resid, other), lad.shift)
         np.less_equal(bits, limit[None, :] if by_columns else limit[:, None], out=mask)
-        _, a, b = lad._positions(mask)
+        _, a, b = lad.positions(mask)
         if len(a) > _DENSE * n:
             return False
         found.append((a, b, t))
@@ -124,7 +124,7 @@ def count_tile(lad, bits: np.ndarray, left_op: torch.Tensor, right_op: torch.Ten
             v = mm(left_op[torch.from_numpy(held)], right_op).numpy()[at, b]
         keep = v <= (t[b] if by_columns else t[a])
         if keep.any():
-            lad._place(a[keep], b[keep], v[keep], r0, c0, bits.shape, row_cls, col_cls, by_columns)
+            lad.place(a[keep], b[keep], v[keep], r0, c0, bits.shape, row_cls, col_cls, by_columns)
     return True
 
 
