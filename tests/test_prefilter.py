@@ -1,5 +1,7 @@
 """The bfloat16 prefilter of the ranking kernel (utils_cv/similarity/prefilter.py): its bound
 holds entry by entry, and ranks found through it equal the float32 kernel's, bit for bit."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -32,8 +34,8 @@ def test_operands_bound_every_entry_at_its_own_threshold(distance, scale, offset
     lb, rb = prefilter.operand(left, ops.cosine, right=False), prefilter.operand(right, ops.cosine, right=True)
     bits = (lb.bf16 @ rb.bf16.T).view(torch.int16).numpy()
     shift = 1.0 if ops.cosine else 0.0
-    e_rows = prefilter.bound(lb.norm, lb.resid, rb)
-    e_cols = prefilter.bound(rb.norm, rb.resid, lb)
+    e_rows = prefilter.bound(lb, rb)
+    e_cols = prefilter.bound(rb, lb)
     for i in range(0, 300, 7):
         assert (bits[i] <= prefilter.threshold_bits(d32[i], np.full(300, e_rows[i]), shift)).all()
         assert (bits[:, i] <= prefilter.threshold_bits(d32[:, i], np.full(300, e_cols[i]), shift)).all()
@@ -45,13 +47,23 @@ def test_operands_bound_every_entry_at_its_own_threshold(distance, scale, offset
 
 def test_threshold_bits_round_up_and_mark_rows_without_threshold():
     rng = np.random.default_rng(0)
-    t = np.concatenate([rng.normal(size=500) * 10.0 ** rng.integers(-30, 30, 500), [0.0, -0.0, 1e38, np.nan, -5.0]])
-    bits = prefilter.threshold_bits(t.astype(np.float32), np.zeros(len(t)), 0.0)
-    values = torch.from_numpy(bits.copy()).view(torch.bfloat16).float().numpy()
+    # float64 values between float32 ones (1 + 2**-30 is not a float32; its float32 is a bfloat16),
+    # over a wide range, and the edges
+    t = np.concatenate([rng.normal(size=500) * 10.0 ** rng.integers(-30, 30, 500), 1 + 2.0 ** -rng.integers(24, 50, 50),
+                        [0.0, -0.0, 1e38, 3.4028235e38, 1e39, np.inf, np.nan, -5.0]])
+    extra = np.where(rng.random(len(t)) < 0.5, 0.0, np.abs(t) * 1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bits = prefilter.threshold_bits(t, extra, 0.0)
+    values = torch.from_numpy(bits.copy()).view(torch.bfloat16).double().numpy()
     finite = ~np.isnan(t)
-    assert (values[finite] >= np.maximum(t[finite].astype(np.float32), 0)).all()
+    assert (values[finite] >= np.maximum(t[finite] + extra[finite], 0)).all()
+    assert (values[t > 3.4028235e38] == np.inf).all()
     assert bits[np.isnan(t)].tolist() == [np.iinfo(np.int16).min]
-    assert (values[finite] >= 0).all()
+    # and not more than needed: one bfloat16 step below is below the value
+    ok = finite & (t > 1e-30) & (t < 1e38)
+    below = torch.from_numpy((bits[ok] - 1).astype(np.int16)).view(torch.bfloat16).double().numpy()
+    assert (below < t[ok] + extra[ok]).all()
 
 
 def test_products_of_row_or_column_subsets_equal_the_whole_tile_bit_for_bit():
@@ -70,7 +82,7 @@ def test_products_of_row_or_column_subsets_equal_the_whole_tile_bit_for_bit():
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 @pytest.mark.parametrize("tile", [2048, 64, 37])
-def test_first_ranks_through_theprefilter_equal_the_float32_kernel(monkeypatch, distance, tile):
+def test_first_ranks_through_the_prefilter_equal_the_float32_kernel(monkeypatch, distance, tile):
     monkeypatch.setattr(ranking, "_TILE", tile)
     x, y = _clustered(900, 16, 30, seed=4, spread=0.6)
     y[:3] = 1000 + np.arange(3)  # queries without a relevant item
@@ -82,7 +94,7 @@ def test_first_ranks_through_theprefilter_equal_the_float32_kernel(monkeypatch, 
 
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
-def testprefilter_keeps_ties_and_duplicates_in_order(monkeypatch, distance):
+def test_prefilter_keeps_ties_and_duplicates_in_order(monkeypatch, distance):
     # integer rows (many exact ties) and exact copies of rows under other labels, large norms
     rng = np.random.default_rng(5)
     x = rng.integers(-3, 4, size=(400, 6)).astype(np.float32) * 1000

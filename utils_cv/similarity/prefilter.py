@@ -7,17 +7,20 @@ again, through the same ``_mm`` kernel as every other product, only for the rows
 of the tile that hold one. The results are those of the float32 kernel, bit for bit, because
 the filter is conservative:
 
-* Operand rows ``L`` (float32, as ``_Operands`` makes them) become ``L'``: components rounded to
-  bfloat16, the squared norm of an l2 operand split into two bfloat16 parts (so it loses
-  nothing), and for cosine a constant column that shifts every value by +1 (values stay >= 0).
-  With the residuals ``e = L - L'``:
-  ``|L.R - L'.R'| <= |e_L||R| + |L||e_R| + |e_L||e_R|`` (Cauchy-Schwarz).
+* Operand rows ``L`` (float32, as ``_Operands`` makes them) become ``L'``: the body (``x``,
+  ``-2y`` or a unit row) rounded to bfloat16, the squared norm of an l2 operand split into two
+  bfloat16 parts (its rest below the second is kept in the bound), and for cosine a constant
+  column that shifts every value by +1 (values stay >= 0). With the bodies' residuals ``e``:
+  ``|L.R - L'.R'| <= |e_L||R_b| + |L_b||e_R| + |e_L||e_R| + rest_L + rest_R`` (Cauchy-Schwarz on
+  the bodies ``_b``; a norm column meets a constant 1).
 * The float32 product and the bfloat16 one (float32 accumulation) each add at most
-  ``g_K |L||R|`` for a K-term sum (``g_K = K u / (1 - K u)``, ``u = 2**-24``).
+  ``g_K`` times the sum of the absolute products (``g_K = K u / (1 - K u)``, ``u = 2**-24``).
 * So an entry whose float32 distance ``d32`` is at most the threshold ``t`` has a bfloat16
   accumulator at most ``T = t + shift + E``, and rounding to the nearest bfloat16 is monotone:
   the entry's bfloat16 value is at most ``T`` rounded up. Non-negative bfloat16 values order as
   their bits read as int16 (negative ones read as negative), so the test is an int16 comparison.
+  In practice the output rounding (2**-8) absorbs the accumulation terms; they are kept so that
+  the bound holds without that argument.
 
 Whether to use it is decided once per process (:func:`usable`): bfloat16 products must be at
 least twice as fast as float32 here and must stay within the bound on a random check.
@@ -39,56 +42,74 @@ _DENSE = 0.5  # candidates a row in a read above which a tile is computed in flo
 
 @dataclass
 class Operand:
-    """bfloat16 operand rows with each float32 row's norm and residual norm (float64)."""
+    """bfloat16 operand rows, with what the bound needs of each float32 row (float64): the norm
+    of its body (``x``, ``-2y`` or the unit row), of the body's rounding residual, the absolute
+    value of its squared-norm column (l2), and that column's residual after the split."""
 
     bf16: torch.Tensor
-    norm: np.ndarray
+    body: np.ndarray
     resid: np.ndarray
+    scalar: np.ndarray
+    rest: np.ndarray
     width: int  # K of the float32 operand
+    const: float  # what constant columns add to a sum of absolute products (cosine's +1)
 
 
 def operand(rows: torch.Tensor, cosine: bool, right: bool) -> Operand:
     """The filter's operand for float32 operand rows ``rows`` of ``_Operands`` (l2 left
     ``[x, |x|^2, 1]``, l2 right ``[-2y, 1, |y|^2]``, cosine ``x/|x|`` or ``-y/|y|``)."""
     n = len(rows)
+    zeros = np.zeros(n)
     if cosine:
-        b = rows.bfloat16()
-        resid = rows - b.float()
+        body = rows
+        b = body.bfloat16()
         out = torch.cat([b, torch.ones(n, 1, dtype=torch.bfloat16)], 1)
+        scalar, rest = zeros, zeros
     else:
         body, norm = rows[:, :-2], rows[:, -1 if right else -2]
         b = body.bfloat16()
         hi = norm.bfloat16()
         lo = (norm - hi.float()).bfloat16()
-        rest = norm - hi.float() - lo.float()
         one = torch.ones(n, 2, dtype=torch.bfloat16)
         split = torch.stack([hi, lo], 1)
         out = torch.cat([b, one, split] if right else [b, split, one], 1)
-        resid = torch.cat([body - b.float(), rest[:, None], torch.zeros(n, 1)], 1)
-    return Operand(out.contiguous(), torch.linalg.vector_norm(rows.double(), dim=1).numpy(),
-                   torch.linalg.vector_norm(resid.double(), dim=1).numpy(), rows.shape[1])
+        scalar = norm.double().abs().numpy()
+        rest = (norm - hi.float() - lo.float()).double().abs().numpy()  # exact in float32
+    resid = torch.linalg.vector_norm((body - b.float()).double(), dim=1).numpy()
+    return Operand(out.contiguous(), torch.linalg.vector_norm(body.double(), dim=1).numpy(), resid, scalar, rest,
+                   rows.shape[1], 1.0 if cosine else 0.0)
 
 
-def bound(norm: np.ndarray, resid: np.ndarray, other: Operand) -> np.ndarray:
-    """Largest difference between a bfloat16 accumulator and the float32 distance, for rows of
-    the given norms against any row of ``other``."""
-    big, small = float(other.norm.max(initial=0.0)), float(other.resid.max(initial=0.0))
+def bound(own: Operand, other: Operand) -> np.ndarray:
+    """Largest difference between a bfloat16 accumulator and the float32 distance, for each row
+    of ``own`` against any row of ``other``. Part by part: the bodies' rounding (Cauchy-Schwarz
+    on the residuals), the split norms' rest, and each product's float32 accumulation over the
+    sum of absolute products (bodies, norm columns, constants; the factor 2 covers the split
+    norm's two parts and the residuals). Output rounding is covered by rounding the threshold up
+    (:func:`threshold_bits`)."""
+    big, small = float(other.body.max(initial=0.0)), float(other.resid.max(initial=0.0))
+    scalar, rest = float(other.scalar.max(initial=0.0)), float(other.rest.max(initial=0.0))
     k = other.width + 4
     g32, g16 = other.width * _U / (1 - other.width * _U), k * _U / (1 - k * _U)
-    cross = resid * big + norm * small + resid * small
-    acc = g32 * norm * big + 2 * g16 * (norm + resid) * (big + small)
+    cross = own.resid * big + own.body * small + own.resid * small + own.rest + rest
+    total = own.body * big + own.scalar + scalar + own.const
+    acc = g32 * total + 2 * g16 * ((own.body + own.resid) * (big + small) + own.scalar + scalar + own.const)
     return (cross + acc) * _SLACK + _FLOOR
 
 
 def threshold_bits(t: np.ndarray, extra: np.ndarray, shift: float) -> np.ndarray:
-    """``t + shift + extra`` rounded up to a bfloat16, as its int16 bits (at least 0); rows with
-    a NaN threshold get the smallest int16 (only -0.0 reaches it, and the exact test drops it)."""
+    """``t + shift + extra`` rounded up to a bfloat16, as its int16 bits (at least 0; infinity
+    above float32's range); rows with a NaN threshold get the smallest int16 (only -0.0 reaches
+    it, and the exact test drops it)."""
     v = np.maximum(t.astype(np.float64) + shift + extra, 0.0)
-    f = v.astype(np.float32)
-    f = np.where(f < v, np.nextafter(f, np.float32(np.inf)), f)
+    top = float(np.finfo(np.float32).max)
+    f = np.minimum(v, top).astype(np.float32)
+    with np.errstate(over="ignore"):  # float32's largest steps up to infinity: set below anyway
+        f = np.where(f < v, np.nextafter(f, np.float32(np.inf)), f)
     bits = f.view(np.uint32)
     hi = (bits >> 16) + ((bits & 0xFFFF) != 0)
     out = np.minimum(hi, 0x7F80).astype(np.int16)
+    out[v > top] = 0x7F80
     out[np.isnan(t)] = np.iinfo(np.int16).min
     return out
 
@@ -108,7 +129,7 @@ def count_tile(lad, bits: np.ndarray, left_op: torch.Tensor, right_op: torch.Ten
         n = bits.shape[1] if by_columns else bits.shape[0]
         t = lad.threshold[r0 : r0 + n]
         own, other = (rb, lb) if by_columns else (lb, rb)
-        limit = threshold_bits(t, bound(own.norm, own.resid, other), lad.shift)
+        limit = threshold_bits(t, bound(own, other), lad.shift)
         np.less_equal(bits, limit[None, :] if by_columns else limit[:, None], out=mask)
         _, a, b = lad.positions(mask)
         if len(a) > _DENSE * n:
@@ -140,7 +161,7 @@ def usable() -> bool:
         lb, rb = operand(left, False, False), operand(right, False, True)
         d16 = (lb.bf16 @ rb.bf16.T).float()
         d32 = left @ right.T
-        e = torch.from_numpy(bound(lb.norm, lb.resid, rb)).float()[:, None]
+        e = torch.from_numpy(bound(lb, rb)).float()[:, None]
         if not bool(((d16 - d32).abs() <= e + d16.abs() * 2.0 ** -7).all()):
             return False
         a32, b32 = torch.randn(1024, 130, generator=g), torch.randn(1024, 130, generator=g)
