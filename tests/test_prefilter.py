@@ -23,15 +23,17 @@ def _first(q, yq, r, yr, distance, prefilter, monkeypatch):
     return out.query.tolist(), out.ranks.tolist(), out.num_relevant.tolist()
 
 
-@pytest.mark.parametrize("distance", ["l2", "cosine"])
-@pytest.mark.parametrize("scale,offset", [(1.0, 0.0), (1e4, 0.0), (1.0, 50.0), (1e-3, 0.0)])
-def test_operands_bound_every_entry_at_its_own_threshold(distance, scale, offset):
+@pytest.mark.parametrize("distance,centred", [("l2", False), ("l2", True), ("cosine", False)])
+@pytest.mark.parametrize("scale,offset", [(1.0, 0.0), (1e4, 0.0), (1.0, 50.0), (1e-3, 0.0), (1e-3, 1e3)])
+def test_operands_bound_every_entry_at_its_own_threshold(distance, centred, scale, offset):
     # the tightest case: each entry's threshold is its own float32 distance, so it must pass
     x, _ = _clustered(300, 24, 6, seed=1, scale=scale, offset=offset)
     ops = ranking._Operands(x, np.arange(len(x)), distance)
     left, right = ops.left(0, 300), ops.right(0, 300)
     d32 = ranking._mm(left, right).numpy()
-    lb, rb = prefilter.operand(left, ops.cosine, right=False), prefilter.operand(right, ops.cosine, right=True)
+    mu = x.mean(0, dtype=np.float64) if centred else None
+    lb, rb = (prefilter.operand(left, ops.cosine, right=False, mu=mu),
+              prefilter.operand(right, ops.cosine, right=True, mu=mu))
     bits = (lb.bf16 @ rb.bf16.T).view(torch.int16).numpy()
     shift = 1.0 if ops.cosine else 0.0
     e_rows = prefilter.bound(lb, rb)
@@ -39,6 +41,8 @@ def test_operands_bound_every_entry_at_its_own_threshold(distance, scale, offset
     for i in range(0, 300, 7):
         assert (bits[i] <= prefilter.threshold_bits(d32[i], np.full(300, e_rows[i]), shift)).all()
         assert (bits[:, i] <= prefilter.threshold_bits(d32[:, i], np.full(300, e_cols[i]), shift)).all()
+    if offset > 1e5 * scale:
+        return  # float32 cannot resolve these distances: a wide bound is right there
     # and the bound is not vacuous: most entries would fail a threshold a little below them
     i = 5
     lower = prefilter.threshold_bits(d32[i] - 4 * e_rows[i] - 0.02 * np.abs(d32[i]) - 1e-30, np.full(300, e_rows[i]), shift)
@@ -109,12 +113,7 @@ def test_prefilter_keeps_ties_and_duplicates_in_order(monkeypatch, distance):
     assert metrics.evaluate_retrieval(x, y, distance=distance, metrics=("recall", "precision@1", "mrr")) == fast
 
 
-def test_dense_tiles_fall_back_to_float32_with_equal_results(monkeypatch):
-    # labels that do not follow the data: the nearest relevant item is far, most entries are
-    # candidates, and tiles go to the float32 path; sparse ones stay filtered
-    x, _ = _clustered(600, 8, 4, seed=6)
-    y = np.random.default_rng(7).integers(0, 3, 600)
-    y[:300] = np.arange(300)  # half the rows in classes of one: tiles with few candidates too
+def _spy(monkeypatch):
     outcomes = []
     real = prefilter.count_tile
 
@@ -122,10 +121,40 @@ def test_dense_tiles_fall_back_to_float32_with_equal_results(monkeypatch):
         outcomes.append(real(*args, **kwargs))
         return outcomes[-1]
 
-    monkeypatch.setattr(ranking, "_TILE", 64)
     monkeypatch.setattr(prefilter, "count_tile", spy)
+    return outcomes
+
+
+def test_dense_tiles_fall_back_to_float32_with_equal_results(monkeypatch):
+    # labels that do not follow the data: the nearest relevant item is far, most entries are
+    # candidates, and tiles go to the float32 path; the rows of classes of one come first (lower
+    # labels) and have no candidate, so their tiles stay filtered
+    x, _ = _clustered(600, 8, 4, seed=6)
+    y = 300 + np.random.default_rng(7).integers(0, 3, 600)
+    y[:300] = np.arange(300)
+    monkeypatch.setattr(ranking, "_TILE", 64)
+    outcomes = _spy(monkeypatch)
     assert _first(x, y, None, None, "l2", True, monkeypatch) == _first(x, y, None, None, "l2", False, monkeypatch)
     assert True in outcomes and False in outcomes
+
+
+def test_filter_turns_itself_off_when_most_tiles_are_dense(monkeypatch):
+    x, _ = _clustered(800, 8, 4, seed=9)
+    y = np.random.default_rng(10).permutation(800) // 2  # pairs at random: the partner is far, every tile dense
+    monkeypatch.setattr(ranking, "_TILE", 32)
+    outcomes = _spy(monkeypatch)
+    assert _first(x, y, None, None, "l2", True, monkeypatch) == _first(x, y, None, None, "l2", False, monkeypatch)
+    assert outcomes == [False] * 16  # then the float32 path for the other 309 tiles
+
+
+@pytest.mark.parametrize("scale,offset", [(10.0, 0.0), (1.0, 30.0)])
+def test_far_from_the_origin_l2_rows_are_still_filtered(monkeypatch, scale, offset):
+    # the bound scales with the rows' spread, not their norm: l2 rows are centred for the filter
+    x, y = _clustered(1500, 32, 40, seed=11, spread=0.5, scale=scale, offset=offset)
+    monkeypatch.setattr(ranking, "_TILE", 256)
+    outcomes = _spy(monkeypatch)
+    assert _first(x, y, None, None, "l2", True, monkeypatch) == _first(x, y, None, None, "l2", False, monkeypatch)
+    assert outcomes.count(True) > len(outcomes) / 2
 
 
 def test_only_the_nearest_relevant_depth_uses_it(monkeypatch):

@@ -42,59 +42,76 @@ _DENSE = 0.5  # candidates a row in a read above which a tile is computed in flo
 
 @dataclass
 class Operand:
-    """bfloat16 operand rows, with what the bound needs of each float32 row (float64): the norm
-    of its body (``x``, ``-2y`` or the unit row), of the body's rounding residual, the absolute
-    value of its squared-norm column (l2), and that column's residual after the split."""
+    """bfloat16 operand rows, with what the bound needs of each row (float64): the norm of its
+    body (``x - mu``, ``-2(y - mu)`` or the unit row), of the body's rounding residual, the
+    squared-norm column (l2) and its rest after the split, and the size of the float32 row
+    (``|x|`` uncentred, ``|x| + |mu|`` for the centring)."""
 
     bf16: torch.Tensor
     body: np.ndarray
     resid: np.ndarray
     scalar: np.ndarray
     rest: np.ndarray
+    raw: np.ndarray
+    reach: np.ndarray
     width: int  # K of the float32 operand
-    const: float  # what constant columns add to a sum of absolute products (cosine's +1)
+    cosine: bool
 
 
-def operand(rows: torch.Tensor, cosine: bool, right: bool) -> Operand:
+def operand(rows: torch.Tensor, cosine: bool, right: bool, mu: np.ndarray | None = None) -> Operand:
     """The filter's operand for float32 operand rows ``rows`` of ``_Operands`` (l2 left
-    ``[x, |x|^2, 1]``, l2 right ``[-2y, 1, |y|^2]``, cosine ``x/|x|`` or ``-y/|y|``)."""
+    ``[x, |x|^2, 1]``, l2 right ``[-2y, 1, |y|^2]``, cosine ``x/|x|`` or ``-y/|y|``). l2 rows are
+    centred on ``mu`` first (distances do not change; bfloat16 keeps 8 bits of the rows' spread
+    instead of their offset)."""
     n = len(rows)
     zeros = np.zeros(n)
     if cosine:
-        body = rows
-        b = body.bfloat16()
+        body = rows.double()
+        raw = torch.linalg.vector_norm(body, dim=1).numpy()
+        b = rows.bfloat16()
         out = torch.cat([b, torch.ones(n, 1, dtype=torch.bfloat16)], 1)
-        scalar, rest = zeros, zeros
+        scalar, rest, reach = zeros, zeros, raw
     else:
-        body, norm = rows[:, :-2], rows[:, -1 if right else -2]
-        b = body.bfloat16()
-        hi = norm.bfloat16()
-        lo = (norm - hi.float()).bfloat16()
-        one = torch.ones(n, 2, dtype=torch.bfloat16)
+        x = rows[:, :-2].double() / (-2.0 if right else 1.0)  # exact: the operand is x or -2y
+        raw = torch.linalg.vector_norm(x, dim=1).numpy()
+        c = x - torch.from_numpy(mu if mu is not None else np.zeros(x.shape[1]))
+        body = -2.0 * c if right else c
+        b = body.float().bfloat16()
+        norm = (c * c).sum(1)
+        hi = norm.float().bfloat16()
+        lo = (norm - hi.double()).float().bfloat16()
         split = torch.stack([hi, lo], 1)
+        one = torch.ones(n, 2, dtype=torch.bfloat16)
         out = torch.cat([b, one, split] if right else [b, split, one], 1)
-        scalar = norm.double().abs().numpy()
-        rest = (norm - hi.float() - lo.float()).double().abs().numpy()  # exact in float32
-    resid = torch.linalg.vector_norm((body - b.float()).double(), dim=1).numpy()
-    return Operand(out.contiguous(), torch.linalg.vector_norm(body.double(), dim=1).numpy(), resid, scalar, rest,
-                   rows.shape[1], 1.0 if cosine else 0.0)
+        scalar = norm.numpy()
+        rest = (norm - hi.double() - lo.double()).abs().numpy()
+        reach = raw + (float(np.linalg.norm(mu)) if mu is not None else 0.0)
+    resid = torch.linalg.vector_norm(body - b.double(), dim=1).numpy()
+    return Operand(out.contiguous(), torch.linalg.vector_norm(body, dim=1).numpy(), resid, scalar, rest, raw, reach,
+                   rows.shape[1], cosine)
 
 
 def bound(own: Operand, other: Operand) -> np.ndarray:
     """Largest difference between a bfloat16 accumulator and the float32 distance, for each row
     of ``own`` against any row of ``other``. Part by part: the bodies' rounding (Cauchy-Schwarz
-    on the residuals), the split norms' rest, and each product's float32 accumulation over the
-    sum of absolute products (bodies, norm columns, constants; the factor 2 covers the split
-    norm's two parts and the residuals). Output rounding is covered by rounding the threshold up
+    on the residuals), the split norms' rest, the bfloat16 product's float32 accumulation over
+    its sum of absolute products (the factor 2 covers the split norm's two parts and the
+    residuals), the float32 product's over its own (``(|x| + |y|)^2`` for l2) and, for l2, the
+    float32 rounding of the operands' squared norms, and the centring's float64 rounding. Output rounding is covered by rounding the threshold up
     (:func:`threshold_bits`)."""
     big, small = float(other.body.max(initial=0.0)), float(other.resid.max(initial=0.0))
     scalar, rest = float(other.scalar.max(initial=0.0)), float(other.rest.max(initial=0.0))
+    raw, reach = float(other.raw.max(initial=0.0)), float(other.reach.max(initial=0.0))
     k = other.width + 4
     g32, g16 = other.width * _U / (1 - other.width * _U), k * _U / (1 - k * _U)
     cross = own.resid * big + own.body * small + own.resid * small + own.rest + rest
-    total = own.body * big + own.scalar + scalar + own.const
-    acc = g32 * total + 2 * g16 * ((own.body + own.resid) * (big + small) + own.scalar + scalar + own.const)
-    return (cross + acc) * _SLACK + _FLOOR
+    const = 1.0 if own.cosine else 0.0
+    acc16 = 2 * g16 * ((own.body + own.resid) * (big + small) + own.scalar + scalar + const)
+    # l2: the float32 operands' own squared norms carry their float32 rounding (d + 1 terms)
+    gd = (other.width - 1) * _U / (1 - (other.width - 1) * _U)
+    acc32 = g32 * own.raw * raw if own.cosine else g32 * (own.raw + raw) ** 2 + gd * (own.raw ** 2 + raw ** 2)
+    centring = 1e-12 * (own.reach + reach) ** 2
+    return (cross + acc16 + acc32 + centring) * _SLACK + _FLOOR
 
 
 def threshold_bits(t: np.ndarray, extra: np.ndarray, shift: float) -> np.ndarray:
@@ -149,6 +166,34 @@ def count_tile(lad, bits: np.ndarray, left_op: torch.Tensor, right_op: torch.Ten
     return True
 
 
+class Filter:
+    """The prefilter of one ``rank_relevant`` call: the centre of its l2 rows, a bfloat16 tile,
+    the operand of the current column block, and a switch that turns it off for the rest of the
+    call when most tiles turn out dense (more than 3 in 4 after 16 tiles: the float32 path,
+    which they take anyway, is then cheaper without the bfloat16 work before it)."""
+
+    def __init__(self, rows: np.ndarray, cosine: bool, tile: int):
+        self.mu = None if cosine else rows.mean(0, dtype=np.float64)
+        self.cosine, self.on, self.tried, self.dense = cosine, True, 0, 0
+        self.buffer = torch.empty(tile * tile, dtype=torch.bfloat16)
+        self.key, self.rb = None, None
+
+    def count(self, lad, left_op: torch.Tensor, right_op: torch.Tensor, key, reads: list, col_cls: np.ndarray,
+              mm) -> bool:
+        """:func:`count_tile` for the tile ``left_op . right_op`` (``key`` names its column block)."""
+        if key != self.key:
+            self.key, self.rb = key, operand(right_op, self.cosine, right=True, mu=self.mu)
+        lb = operand(left_op, self.cosine, right=False, mu=self.mu)
+        d = self.buffer[: len(left_op) * len(right_op)].view(len(left_op), len(right_op))
+        bits = torch.mm(lb.bf16, self.rb.bf16.T, out=d).view(torch.int16).numpy()
+        done = count_tile(lad, bits, left_op, right_op, lb, self.rb, reads, col_cls, mm)
+        self.tried += 1
+        self.dense += not done
+        if self.tried >= 16 and self.dense > 0.75 * self.tried:
+            self.on = False
+        return done
+
+
 @lru_cache(maxsize=1)
 def usable() -> bool:
     """True where bfloat16 products are at least twice as fast as float32 ones and stay within
@@ -158,7 +203,7 @@ def usable() -> bool:
         x = torch.randn(512, 64, generator=g) * 3
         left = torch.cat([x, (x * x).sum(1, keepdim=True), torch.ones(512, 1)], 1)
         right = torch.cat([-2 * x.flip(0), torch.ones(512, 1), (x * x).sum(1, keepdim=True).flip(0)], 1)
-        lb, rb = operand(left, False, False), operand(right, False, True)
+        lb, rb = operand(left, False, False, np.zeros(64)), operand(right, False, True, np.zeros(64))
         d16 = (lb.bf16 @ rb.bf16.T).float()
         d32 = left @ right.T
         e = torch.from_numpy(bound(lb, rb)).float()[:, None]

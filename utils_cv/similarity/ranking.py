@@ -333,9 +333,10 @@ def rank_relevant(q: np.ndarray, y_q: np.ndarray, r: np.ndarray | None, y_r: np.
     # the nearest relevant item alone leaves few candidates: found in a bfloat16 product where that
     # pays (prefilter). Not for "within": its thresholds fall only as counts arrive, and until
     # then most rows of a tile hold one (measured: slower)
-    filtered = depth == "first" and (prefilter.usable() if _PREFILTER is None else _PREFILTER)
-    tile = torch.empty(_TILE * _TILE, dtype=torch.bfloat16 if filtered else torch.float32)
-    dense = torch.empty(_TILE * _TILE) if filtered else tile  # float32 tiles where candidates are dense
+    flt = None
+    if depth == "first" and (prefilter.usable() if _PREFILTER is None else _PREFILTER):
+        flt = prefilter.Filter(right.x, right.cosine, _TILE)
+    tile = torch.empty(_TILE * _TILE)
     with torch.inference_mode():
         for rows in chunks:
             lad = _Ladders(left, right, row_cls, col_cls, r_order, rows, loo, depth)
@@ -343,25 +344,18 @@ def rank_relevant(q: np.ndarray, y_q: np.ndarray, r: np.ndarray | None, y_r: np.
             for j0 in range(0, n_ref, _TILE):
                 j1 = min(n_ref, j0 + _TILE)
                 right_op = right.right(j0, j1)
-                rb = prefilter.operand(right_op, right.cosine, right=True) if filtered else None
                 for i0 in range(rows.start, j1 if symmetric else rows.stop, _TILE):
                     i1 = min(rows.stop, i0 + _TILE)
-                    d = tile[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
                     left_op = left.left(i0, i1)
-                    if filtered:
-                        lb = prefilter.operand(left_op, left.cosine, right=False)
-                        bits = torch.mm(lb.bf16, rb.bf16.T, out=d).view(torch.int16).numpy()
-                        reads = [(i0 - rows.start, j0, chunk_cls, False)]
-                        if symmetric and i0 != j0:  # the same tile read by columns: rows j, columns i
-                            reads.append((j0, i0, row_cls, True))
-                        if prefilter.count_tile(lad, bits, left_op, right_op, lb, rb, reads, col_cls, _mm):
-                            continue
-                        d = dense[: d.numel()].view(d.shape)
-                    _mm(left_op, right_op, out=d)
-                    dn = d.numpy()
-                    lad.count(dn, i0 - rows.start, j0, chunk_cls, col_cls, by_columns=False)
+                    reads = [(i0 - rows.start, j0, chunk_cls, False)]
                     if symmetric and i0 != j0:  # the same tile read by columns: rows j, columns i
-                        lad.count(dn, j0, i0, row_cls, col_cls, by_columns=True)
+                        reads.append((j0, i0, row_cls, True))
+                    if flt is not None and flt.on and flt.count(lad, left_op, right_op, j0, reads, col_cls, _mm):
+                        continue
+                    d = tile[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+                    _mm(left_op, right_op, out=d)
+                    for r0, c0, cls, by_columns in reads:
+                        lad.count(d.numpy(), r0, c0, cls, col_cls, by_columns)
             num_relevant.append(lad.num_relevant)
             offsets.append(lad.offsets[1:] + offsets[-1][-1])
             ranks.append(lad.ranks())
