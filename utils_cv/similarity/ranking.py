@@ -33,8 +33,9 @@ The product, the one comparison of every entry with its row's threshold and the 
 on torch (all cores); the rest of a tile's work, on its few candidates, on numpy. When only
 the first relevant item is wanted, tiles are found in a bfloat16 product and only the rows or
 columns holding a candidate are multiplied in float32 (:mod:`prefilter`: same results).
-Memory: one tile, and per relevant (query, item) pair a (row, distance) key and a count (12
-bytes; the ranks that come out take 8); operands are made a tile at a time from the caller's rows. When
+Memory: one tile (and an 8 MB bfloat16 one for the prefilter), and per relevant (query, item)
+pair a (row, distance) key and a count (12 bytes; the ranks that come out take 8); operands are
+made a tile at a time from the caller's rows. When
 the pairs would pass ``_STATE_BYTES`` the queries are taken in chunks, each against the whole
 reference (then without the symmetric saving).
 """
