@@ -23,6 +23,18 @@ def _first(q, yq, r, yr, distance, prefilter, monkeypatch):
     return out.query.tolist(), out.ranks.tolist(), out.num_relevant.tolist()
 
 
+def _spy(monkeypatch):
+    outcomes = []
+    real = prefilter.count_tile
+
+    def spy(*args, **kwargs):
+        outcomes.append(real(*args, **kwargs))
+        return outcomes[-1]
+
+    monkeypatch.setattr(prefilter, "count_tile", spy)
+    return outcomes
+
+
 @pytest.mark.parametrize("distance,centred", [("l2", False), ("l2", True), ("cosine", False)])
 @pytest.mark.parametrize("scale,offset", [(1.0, 0.0), (1e4, 0.0), (1.0, 50.0), (1e-3, 0.0), (1e-3, 1e3)])
 def test_operands_bound_every_entry_at_its_own_threshold(distance, centred, scale, offset):
@@ -60,9 +72,10 @@ def test_threshold_bits_round_up_and_mark_rows_without_threshold():
         warnings.simplefilter("error")
         bits = prefilter.threshold_bits(t, extra, 0.0)
     values = torch.from_numpy(bits.copy()).view(torch.bfloat16).double().numpy()
-    finite = ~np.isnan(t)
-    assert (values[finite] >= np.maximum(t[finite] + extra[finite], 0)).all()
-    assert (values[t > 3.4028235e38] == np.inf).all()
+    finite = ~np.isnan(t) & (t <= 3.4028235e38)
+    top = bits == np.iinfo(np.int16).max  # above bfloat16's largest finite value: every entry passes
+    assert ((values >= np.maximum(t + extra, 0)) | top)[finite].all()
+    assert (bits[t > 3.4028235e38] == np.iinfo(np.int16).max).all()  # every bit pattern passes, NaN's too
     assert bits[np.isnan(t)].tolist() == [np.iinfo(np.int16).min]
     # and not more than needed: one bfloat16 step below is below the value
     ok = finite & (t > 1e-30) & (t < 1e38)
@@ -85,14 +98,16 @@ def test_products_of_row_or_column_subsets_equal_the_whole_tile_bit_for_bit():
 
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
-@pytest.mark.parametrize("tile", [2048, 64, 37])
+@pytest.mark.parametrize("tile", [256, 64, 37])
 def test_first_ranks_through_the_prefilter_equal_the_float32_kernel(monkeypatch, distance, tile):
     monkeypatch.setattr(ranking, "_TILE", tile)
     x, y = _clustered(900, 16, 30, seed=4, spread=0.6)
     y[:3] = 1000 + np.arange(3)  # queries without a relevant item
+    outcomes = _spy(monkeypatch)
     for args in ((x, y, None, None), (x[:300], y[:300], x[300:], y[300:])):
         plain = _first(*args, distance, False, monkeypatch)
         assert _first(*args, distance, True, monkeypatch) == plain
+    assert True in outcomes  # the filter did the work on some tiles
     monkeypatch.setattr(ranking, "_STATE_BYTES", 16 * 200)  # queries in chunks: no symmetric tiles
     assert _first(x, y, None, None, distance, True, monkeypatch) == _first(x, y, None, None, distance, False, monkeypatch)
 
@@ -113,16 +128,36 @@ def test_prefilter_keeps_ties_and_duplicates_in_order(monkeypatch, distance):
     assert metrics.evaluate_retrieval(x, y, distance=distance, metrics=("recall", "precision@1", "mrr")) == fast
 
 
-def _spy(monkeypatch):
-    outcomes = []
-    real = prefilter.count_tile
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_exact_copies_through_filtered_tiles_tie_by_index(monkeypatch, distance):
+    # copies of rows under another label and under the same one, in tiles the filter handles
+    x, y = _clustered(900, 16, 30, seed=12, spread=0.6)
+    x[100:200], y[100:200] = x[:100], (y[:100] + 1) % 30
+    x[600:700], y[600:700] = x[:100], y[:100]
+    monkeypatch.setattr(ranking, "_TILE", 64)
+    outcomes = _spy(monkeypatch)
+    assert _first(x, y, None, None, distance, True, monkeypatch) == _first(x, y, None, None, distance, False, monkeypatch)
+    assert outcomes.count(True) > len(outcomes) / 2
 
-    def spy(*args, **kwargs):
-        outcomes.append(real(*args, **kwargs))
-        return outcomes[-1]
 
-    monkeypatch.setattr(prefilter, "count_tile", spy)
-    return outcomes
+def test_rows_at_the_edge_of_the_range_and_subnormal_rows_stay_exact(monkeypatch):
+    # a centred squared norm beyond bfloat16's range (the float32 path takes the tile) ...
+    big = np.float32(9.22e18)
+    q = np.zeros((10, 2), np.float32)
+    q[:, 0] = big
+    r = np.zeros((50, 2), np.float32)
+    r[:, 0], r[:, 1] = -big, np.arange(50) * 1e15
+    yq, yr = np.r_[0, [99] * 9], np.r_[[1] * 49, 0]
+    assert _first(q, yq, r, yr, "l2", True, monkeypatch) == _first(q, yq, r, yr, "l2", False, monkeypatch)
+    # ... and rows so small that bfloat16 products flush them at every step of a long sum: equal
+    # rows (distance 0, the nearest relevant item too) whose bfloat16 value is the two norms
+    x = np.full((32, 2048), 7e-20, np.float32)
+    x[16:] *= -1
+    y = np.arange(32) % 4
+    monkeypatch.setattr(ranking, "_TILE", 16)  # copies in tiles off the diagonal
+    outcomes = _spy(monkeypatch)
+    assert _first(x, y, None, None, "l2", True, monkeypatch) == _first(x, y, None, None, "l2", False, monkeypatch)
+    assert outcomes
 
 
 def test_dense_tiles_fall_back_to_float32_with_equal_results(monkeypatch):

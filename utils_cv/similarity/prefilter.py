@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 _U = 2.0 ** -24
-_SLACK = 1.0 + 1e-6  # the bound's own float64 arithmetic
-_FLOOR = 1e-35  # flushed subnormal products, absolute
+_SLACK = 1.0 + 1e-3  # the bound's own float64 arithmetic and second-order terms
+_TINY = 2.0 ** -126  # smallest normal float32: bfloat16 products flush what is below, at each step
 _DENSE = 0.5  # candidates a row in a read above which a tile is computed in float32 after all
 
 
@@ -97,8 +97,9 @@ def bound(own: Operand, other: Operand) -> np.ndarray:
     on the residuals), the split norms' rest, the bfloat16 product's float32 accumulation over
     its sum of absolute products (the factor 2 covers the split norm's two parts and the
     residuals), the float32 product's over its own (``(|x| + |y|)^2`` for l2) and, for l2, the
-    float32 rounding of the operands' squared norms, and the centring's float64 rounding. Output rounding is covered by rounding the threshold up
-    (:func:`threshold_bits`)."""
+    float32 rounding of the operands' squared norms, the centring's float64 rounding, and
+    subnormal values flushed at each step. Output rounding is covered by rounding the threshold
+    up (:func:`threshold_bits`)."""
     big, small = float(other.body.max(initial=0.0)), float(other.resid.max(initial=0.0))
     scalar, rest = float(other.scalar.max(initial=0.0)), float(other.rest.max(initial=0.0))
     raw, reach = float(other.raw.max(initial=0.0)), float(other.reach.max(initial=0.0))
@@ -110,14 +111,14 @@ def bound(own: Operand, other: Operand) -> np.ndarray:
     # l2: the float32 operands' own squared norms carry their float32 rounding (d + 1 terms)
     gd = (other.width - 1) * _U / (1 - (other.width - 1) * _U)
     acc32 = g32 * own.raw * raw if own.cosine else g32 * (own.raw + raw) ** 2 + gd * (own.raw ** 2 + raw ** 2)
-    centring = 1e-12 * (own.reach + reach) ** 2
-    return (cross + acc16 + acc32 + centring) * _SLACK + _FLOOR
+    centring = other.width * 2.0 ** -50 * (own.reach + reach) ** 2
+    return (cross + acc16 + acc32 + centring) * _SLACK + (k + 1) * _TINY
 
 
 def threshold_bits(t: np.ndarray, extra: np.ndarray, shift: float) -> np.ndarray:
-    """``t + shift + extra`` rounded up to a bfloat16, as its int16 bits (at least 0; infinity
-    above float32's range); rows with a NaN threshold get the smallest int16 (only -0.0 reaches
-    it, and the exact test drops it)."""
+    """``t + shift + extra`` rounded up to a bfloat16, as its int16 bits (at least 0; at or above
+    infinity the largest int16, which every entry passes, an overflowed one included); rows with
+    a NaN threshold get the smallest int16 (only -0.0 reaches it, and the exact test drops it)."""
     v = np.maximum(t.astype(np.float64) + shift + extra, 0.0)
     top = float(np.finfo(np.float32).max)
     f = np.minimum(v, top).astype(np.float32)
@@ -125,8 +126,9 @@ def threshold_bits(t: np.ndarray, extra: np.ndarray, shift: float) -> np.ndarray
         f = np.where(f < v, np.nextafter(f, np.float32(np.inf)), f)
     bits = f.view(np.uint32)
     hi = (bits >> 16) + ((bits & 0xFFFF) != 0)
-    out = np.minimum(hi, 0x7F80).astype(np.int16)
-    out[v > top] = 0x7F80
+    # at infinity every entry passes, an overflowed (inf or NaN) bfloat16 one too
+    out = np.where(hi >= 0x7F80, 0x7FFF, hi).astype(np.int16)
+    out[v > top] = 0x7FFF
     out[np.isnan(t)] = np.iinfo(np.int16).min
     return out
 
@@ -184,9 +186,11 @@ class Filter:
         if key != self.key:
             self.key, self.rb = key, operand(right_op, self.cosine, right=True, mu=self.mu)
         lb = operand(left_op, self.cosine, right=False, mu=self.mu)
-        d = self.buffer[: len(left_op) * len(right_op)].view(len(left_op), len(right_op))
-        bits = torch.mm(lb.bf16, self.rb.bf16.T, out=d).view(torch.int16).numpy()
-        done = count_tile(lad, bits, left_op, right_op, lb, self.rb, reads, col_cls, mm)
+        done = False  # a centred squared norm beyond bfloat16's range: the float32 path
+        if np.isfinite(lb.rest).all() and np.isfinite(self.rb.rest).all():
+            d = self.buffer[: len(left_op) * len(right_op)].view(len(left_op), len(right_op))
+            bits = torch.mm(lb.bf16, self.rb.bf16.T, out=d).view(torch.int16).numpy()
+            done = count_tile(lad, bits, left_op, right_op, lb, self.rb, reads, col_cls, mm)
         self.tried += 1
         self.dense += not done
         if self.tried >= 16 and self.dense > 0.75 * self.tried:
