@@ -108,6 +108,8 @@ def test_first_ranks_through_the_prefilter_equal_the_float32_kernel(monkeypatch,
         plain = _first(*args, distance, False, monkeypatch)
         assert _first(*args, distance, True, monkeypatch) == plain
     assert True in outcomes  # the filter did the work on some tiles
+    monkeypatch.setattr(prefilter, "_CACHE_BYTES", 0)  # row blocks' operands made again each time
+    assert _first(x, y, None, None, distance, True, monkeypatch) == _first(x, y, None, None, distance, False, monkeypatch)
     monkeypatch.setattr(ranking, "_STATE_BYTES", 16 * 200)  # queries in chunks: no symmetric tiles
     assert _first(x, y, None, None, distance, True, monkeypatch) == _first(x, y, None, None, distance, False, monkeypatch)
 

@@ -36,6 +36,7 @@ import torch
 
 _U = 2.0 ** -24
 _SLACK = 1.0 + 1e-3  # the bound's own float64 arithmetic and second-order terms
+_CACHE_BYTES = 64 * 1024 * 1024  # row blocks' operands kept for the next column blocks
 _TINY = 2.0 ** -126  # smallest normal float32: bfloat16 products flush what is below, at each step
 _DENSE = 0.5  # candidates a row in a read above which a tile is computed in float32 after all
 
@@ -179,13 +180,21 @@ class Filter:
         self.cosine, self.on, self.tried, self.dense = cosine, True, 0, 0
         self.buffer = torch.empty(tile * tile, dtype=torch.bfloat16)
         self.key, self.rb = None, None
+        self.left: dict = {}  # row block -> its operand, kept while they fit _CACHE_BYTES
+        self.cached = 0
 
-    def count(self, lad, left_op: torch.Tensor, right_op: torch.Tensor, key, reads: list, col_cls: np.ndarray,
-              mm) -> bool:
-        """:func:`count_tile` for the tile ``left_op . right_op`` (``key`` names its column block)."""
+    def count(self, lad, left_op: torch.Tensor, right_op: torch.Tensor, row_key, key, reads: list,
+              col_cls: np.ndarray, mm) -> bool:
+        """:func:`count_tile` for the tile ``left_op . right_op`` (``row_key`` and ``key`` name its
+        row and column blocks)."""
         if key != self.key:
             self.key, self.rb = key, operand(right_op, self.cosine, right=True, mu=self.mu)
-        lb = operand(left_op, self.cosine, right=False, mu=self.mu)
+        lb = self.left.get(row_key)
+        if lb is None:
+            lb = operand(left_op, self.cosine, right=False, mu=self.mu)
+            size = lb.bf16.numel() * 2 + 7 * 8 * len(left_op)
+            if self.cached + size <= _CACHE_BYTES:  # each row block meets every column block
+                self.left[row_key], self.cached = lb, self.cached + size
         done = False  # a centred squared norm beyond bfloat16's range: the float32 path
         if np.isfinite(lb.rest).all() and np.isfinite(self.rb.rest).all():
             d = self.buffer[: len(left_op) * len(right_op)].view(len(left_op), len(right_op))

@@ -351,7 +351,7 @@ def rank_relevant(q: np.ndarray, y_q: np.ndarray, r: np.ndarray | None, y_r: np.
                     reads = [(i0 - rows.start, j0, chunk_cls, False)]
                     if symmetric and i0 != j0:  # the same tile read by columns: rows j, columns i
                         reads.append((j0, i0, row_cls, True))
-                    if flt is not None and flt.on and flt.count(lad, left_op, right_op, j0, reads, col_cls, _mm):
+                    if flt is not None and flt.on and flt.count(lad, left_op, right_op, i0, j0, reads, col_cls, _mm):
                         continue
                     d = tile[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
                     _mm(left_op, right_op, out=d)
