@@ -138,24 +138,24 @@ def in_run_density(x: torch.Tensor, y: np.ndarray) -> list[tuple[str, float, flo
     seen = {"rows": 0, "hit": 0, "candidates": 0}
 
     class Counting(ranking._Ladders):
-        def count(self, d, r0, c0, row_cls, col_cls, by_columns):
+        def count(self, d, r0, c0, row_cls, col_cls, by_columns, mask):
             n = d.shape[1] if by_columns else d.shape[0]
             t = self.threshold[r0 : r0 + n]
             m = d <= (t[None, :] if by_columns else t[:, None])
             seen["rows"] += n
             seen["hit"] += int((m.any(0) if by_columns else m.any(1)).sum())
             seen["candidates"] += int(m.sum())
-            return super().count(d, r0, c0, row_cls, col_cls, by_columns)
+            return super().count(d, r0, c0, row_cls, col_cls, by_columns, mask)
 
-    out, plain = [], ranking._Ladders
-    ranking._Ladders = Counting
+    out, plain, workers = [], ranking._Ladders, ranking._WORKERS
+    ranking._Ladders, ranking._WORKERS = Counting, 1  # one thread: the counts above are not locked
     try:
         for names in (("precision@1", "r_precision", "map@r"), ("recall", "mrr")):
             seen.update(rows=0, hit=0, candidates=0)
             metrics.evaluate_retrieval(x.numpy(), y, metrics=names)
             out.append((", ".join(names), seen["hit"] / seen["rows"], seen["candidates"] / seen["rows"]))
     finally:
-        ranking._Ladders = plain
+        ranking._Ladders, ranking._WORKERS = plain, workers
     return out
 
 

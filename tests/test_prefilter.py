@@ -179,9 +179,16 @@ def test_filter_turns_itself_off_when_most_tiles_are_dense(monkeypatch):
     x, _ = _clustered(800, 8, 4, seed=9)
     y = np.random.default_rng(10).permutation(800) // 2  # pairs at random: the partner is far, every tile dense
     monkeypatch.setattr(ranking, "_TILE", 32)
+    monkeypatch.setattr(ranking, "_WORKERS", 1)
     outcomes = _spy(monkeypatch)
     assert _first(x, y, None, None, "l2", True, monkeypatch) == _first(x, y, None, None, "l2", False, monkeypatch)
     assert outcomes == [False] * 16  # then the float32 path for the other 309 tiles
+    # with two workers, the other one's tile in hand when the switch turns (and a count lost to
+    # the race) may still try it
+    monkeypatch.setattr(ranking, "_WORKERS", 2)
+    outcomes.clear()
+    assert _first(x, y, None, None, "l2", True, monkeypatch) == _first(x, y, None, None, "l2", False, monkeypatch)
+    assert 16 <= len(outcomes) <= 18 and not any(outcomes)
 
 
 @pytest.mark.parametrize("scale,offset", [(10.0, 0.0), (1.0, 30.0)])

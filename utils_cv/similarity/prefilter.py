@@ -135,7 +135,7 @@ def threshold_bits(t: np.ndarray, extra: np.ndarray, shift: float) -> np.ndarray
 
 
 def count_tile(lad, bits: np.ndarray, left_op: torch.Tensor, right_op: torch.Tensor, lb: Operand, rb: Operand,
-               reads: list, col_cls: np.ndarray, mm) -> bool:
+               reads: list, col_cls: np.ndarray, mm, mask: np.ndarray) -> bool:
     """Count one tile known as the int16 bits of its bfloat16 product, for each read ``(r0, c0,
     row classes, by_columns)`` of ``ranking._Ladders.count``, and return True; or count nothing
     and return False when the candidates are dense enough that the float32 tile pays (more than
@@ -144,7 +144,7 @@ def count_tile(lad, bits: np.ndarray, left_op: torch.Tensor, right_op: torch.Ten
     (``mm``, the kernel of every other product) of the rows, or columns, that hold one; entries
     above the exact thresholds are dropped."""
     found = []
-    mask = lad.mask[: bits.size].reshape(bits.shape)
+    mask = mask[: bits.size].reshape(bits.shape)
     for r0, _, _, by_columns in reads:
         n = bits.shape[1] if by_columns else bits.shape[0]
         t = lad.threshold[r0 : r0 + n]
@@ -170,25 +170,30 @@ def count_tile(lad, bits: np.ndarray, left_op: torch.Tensor, right_op: torch.Ten
 
 
 class Filter:
-    """The prefilter of one ``rank_relevant`` call: the centre of its l2 rows, a bfloat16 tile,
-    the operand of the current column block, and a switch that turns it off for the rest of the
-    call when most tiles turn out dense (more than 3 in 4 after 16 tiles: the float32 path,
-    which they take anyway, is then cheaper without the bfloat16 work before it)."""
+    """The prefilter of one ``rank_relevant`` call: the centre of its l2 rows, the row blocks'
+    operands, and a switch that turns it off for the rest of the call when most tiles turn out
+    dense (more than 3 in 4 after 16 tiles: the float32 path, which they take anyway, is then
+    cheaper without the bfloat16 work before it). Shared by the call's worker threads: each
+    passes its own ``scratch`` (a bfloat16 tile, a mask and the operand of its column block, in
+    attributes ``bf16``, ``mask``, ``right`` and ``rb``); a row block's operand made by two
+    workers at once is the same, and a lost count in the switch only delays it."""
 
     def __init__(self, rows: np.ndarray, cosine: bool, tile: int):
         self.mu = None if cosine else rows.mean(0, dtype=np.float64)
-        self.cosine, self.on, self.tried, self.dense = cosine, True, 0, 0
-        self.buffer = torch.empty(tile * tile, dtype=torch.bfloat16)
-        self.key, self.rb = None, None
+        self.cosine, self.on, self.tried, self.dense, self.tile = cosine, True, 0, 0, tile
         self.left: dict = {}  # row block -> its operand, kept while they fit _CACHE_BYTES
         self.cached = 0
 
-    def count(self, lad, left_op: torch.Tensor, right_op: torch.Tensor, row_key, key, reads: list,
-              col_cls: np.ndarray, mm) -> bool:
-        """:func:`count_tile` for the tile ``left_op . right_op`` (``row_key`` and ``key`` name its
-        row and column blocks)."""
-        if key != self.key:
-            self.key, self.rb = key, operand(right_op, self.cosine, right=True, mu=self.mu)
+    def count(self, lad, left_op: torch.Tensor, right_op: torch.Tensor, row_key, reads: list, col_cls: np.ndarray,
+              mm, scratch) -> bool:
+        """:func:`count_tile` for the tile ``left_op . right_op`` (``row_key`` names its row
+        block; ``right_op`` is ``scratch.right``, whose bfloat16 operand ``scratch.rb`` is made
+        here the first time)."""
+        if scratch.rb is None:
+            scratch.rb = operand(right_op, self.cosine, right=True, mu=self.mu)
+        if scratch.bf16 is None:
+            scratch.bf16 = torch.empty(self.tile * self.tile, dtype=torch.bfloat16)
+        rb = scratch.rb
         lb = self.left.get(row_key)
         if lb is None:
             lb = operand(left_op, self.cosine, right=False, mu=self.mu)
@@ -196,10 +201,10 @@ class Filter:
             if self.cached + size <= _CACHE_BYTES:  # each row block meets every column block
                 self.left[row_key], self.cached = lb, self.cached + size
         done = False  # a centred squared norm beyond bfloat16's range: the float32 path
-        if np.isfinite(lb.rest).all() and np.isfinite(self.rb.rest).all():
-            d = self.buffer[: len(left_op) * len(right_op)].view(len(left_op), len(right_op))
-            bits = torch.mm(lb.bf16, self.rb.bf16.T, out=d).view(torch.int16).numpy()
-            done = count_tile(lad, bits, left_op, right_op, lb, self.rb, reads, col_cls, mm)
+        if np.isfinite(lb.rest).all() and np.isfinite(rb.rest).all():
+            d = scratch.bf16[: len(left_op) * len(right_op)].view(len(left_op), len(right_op))
+            bits = torch.mm(lb.bf16, rb.bf16.T, out=d).view(torch.int16).numpy()
+            done = count_tile(lad, bits, left_op, right_op, lb, rb, reads, col_cls, mm, scratch.mask)
         self.tried += 1
         self.dense += not done
         if self.tried >= 16 and self.dense > 0.75 * self.tried:

@@ -30,10 +30,14 @@ squared L2 (the same order as L2) and ``x . -y`` on unit rows for cosine, so the
 large products, and every tile, compute a distance the same way and no pass over a tile is
 spent turning products into distances. Values agree with ``|x - y|^2`` to float32 rounding.
 The product, the one comparison of every entry with its row's threshold and the placing run
-on torch (all cores); the rest of a tile's work, on its few candidates, on numpy. When only
+on torch; the rest of a tile's work, on its few candidates, on numpy. Tiles are shared out
+among a thread per core (at most ``_MAX_WORKERS``, :mod:`sweep`), each running torch on its
+share of the cores, so that numpy's work on one tile runs beside another tile's; they add to
+the counts under a lock. When only
 the first relevant item is wanted, tiles are found in a bfloat16 product and only the rows or
 columns holding a candidate are multiplied in float32 (:mod:`prefilter`: same results).
-Memory: one tile (and an 8 MB bfloat16 one for the prefilter), and per relevant (query, item)
+Memory: a tile and its mask per worker (20 MB; and an 8 MB bfloat16 one for the prefilter),
+and per relevant (query, item)
 pair a (row, distance) key and a count (12 bytes; the ranks that come out take 8); operands are
 made a tile at a time from the caller's rows. When
 the pairs would pass ``_STATE_BYTES`` the queries are taken in chunks, each against the whole
@@ -41,12 +45,13 @@ reference (then without the symmetric saving).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from utils_cv.similarity import prefilter
+from utils_cv.similarity import prefilter, sweep
 
 __all__ = ["RankedRelevant", "rank_relevant"]
 
@@ -56,6 +61,8 @@ _STATE_BYTES = 256 * 1024 * 1024  # per-(query, relevant item) state held at onc
 _PHASE1_BYTES = 64 * 1024 * 1024  # one class's (rows x relevant items) block of distances
 _MIN_ROWS = 16
 _PREFILTER: bool | None = None  # None: wherever prefilter.usable() (tests force it either way)
+_WORKERS: int | None = None  # threads that take tiles; None: torch's thread count, at most _MAX_WORKERS
+_MAX_WORKERS = 4
 
 
 @dataclass
@@ -161,7 +168,7 @@ class _Ladders:
         # NaN passes no comparison: a row without relevant items never gets a candidate, not even
         # an entry at -inf (an l2 product can overflow there)
         self.threshold = np.full(n_rows, np.nan, dtype=np.float32)
-        self.mask = np.empty(_TILE * _TILE, dtype=bool)
+        self.lock = threading.Lock()  # workers add to the counts (and lower thresholds) one at a time
         bounds = np.flatnonzero(np.diff(cls)) + 1  # rows of one class are consecutive
         for a, b in zip(np.r_[0, bounds], np.r_[bounds, n_rows]):
             c0, m = int(starts[a]), int(sizes[a])
@@ -180,13 +187,13 @@ class _Ladders:
                 self.keys[offsets[s] : offsets[e]] = _keys(np.repeat(np.arange(s, e), lengths[a]), d.reshape(-1))
                 self.threshold[s:e] = d[:, -1]
 
-    def count(self, d: np.ndarray, r0: int, c0: int, row_cls, col_cls, by_columns: bool) -> None:
+    def count(self, d: np.ndarray, r0: int, c0: int, row_cls, col_cls, by_columns: bool, mask: np.ndarray) -> None:
         """Count the non-relevant candidates of tile ``d``: its rows are chunk rows ``r0...``
         and its columns reference items ``c0...``, or the other way round with ``by_columns``
-        (the transposed half of a symmetric tile)."""
+        (the transposed half of a symmetric tile). ``mask``: a worker's buffer of a tile's size."""
         n = d.shape[1] if by_columns else d.shape[0]
         t = self.threshold[r0 : r0 + n]
-        mask = self.mask[: d.size].reshape(d.shape)
+        mask = mask[: d.size].reshape(d.shape)
         # the one pass over every entry: torch's comparison runs on all cores, numpy's on one
         torch.le(torch.from_numpy(d), torch.from_numpy(t[None, :] if by_columns else t[:, None]),
                  out=torch.from_numpy(mask))
@@ -234,12 +241,15 @@ class _Ladders:
             if past.any():
                 pos = np.delete(pos, tied[past])
         counted = np.bincount(pos, minlength=hi - lo)
-        np.add(self.counts[lo:hi], counted, out=self.counts[lo:hi], casting="unsafe")
-        if self.tighten:  # lowered once the rows gained ~8 counts each: a pass over their ladders costs a tile
-            gained = self._gained.get(r0, 0) + len(pos)
-            self._gained[r0] = 0 if gained >= 8 * n else gained
-            if gained >= 8 * n:
-                self._tighten(r0, n, lo, hi)
+        # another worker may be reading these rows' thresholds meanwhile: it sees each as it was or
+        # as lowered, both rungs of the row at or above the final one, so either is a valid threshold
+        with self.lock:
+            np.add(self.counts[lo:hi], counted, out=self.counts[lo:hi], casting="unsafe")
+            if self.tighten:  # lowered once the rows gained ~8 counts each: a pass over their ladders costs a tile
+                gained = self._gained.get(r0, 0) + len(pos)
+                self._gained[r0] = 0 if gained >= 8 * n else gained
+                if gained >= 8 * n:
+                    self._tighten(r0, n, lo, hi)
 
     def _tied_before(self, rows: np.ndarray, values: np.ndarray, indices: np.ndarray) -> np.ndarray:
         """For each (row, value, index): relevant items of the row at exactly that distance with
@@ -337,26 +347,32 @@ def rank_relevant(q: np.ndarray, y_q: np.ndarray, r: np.ndarray | None, y_r: np.
     flt = None
     if depth == "first" and (prefilter.usable() if _PREFILTER is None else _PREFILTER):
         flt = prefilter.Filter(right.x, right.cosine, _TILE)
-    tile = torch.empty(_TILE * _TILE)
     with torch.inference_mode():
         for rows in chunks:
             lad = _Ladders(left, right, row_cls, col_cls, r_order, rows, loo, depth)
             chunk_cls = row_cls[rows]
-            for j0 in range(0, n_ref, _TILE):
-                j1 = min(n_ref, j0 + _TILE)
-                right_op = right.right(j0, j1)
-                for i0 in range(rows.start, j1 if symmetric else rows.stop, _TILE):
-                    i1 = min(rows.stop, i0 + _TILE)
-                    left_op = left.left(i0, i1)
-                    reads = [(i0 - rows.start, j0, chunk_cls, False)]
-                    if symmetric and i0 != j0:  # the same tile read by columns: rows j, columns i
-                        reads.append((j0, i0, row_cls, True))
-                    if flt is not None and flt.on and flt.count(lad, left_op, right_op, i0, j0, reads, col_cls, _mm):
-                        continue
-                    d = tile[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
-                    _mm(left_op, right_op, out=d)
-                    for r0, c0, cls, by_columns in reads:
-                        lad.count(d.numpy(), r0, c0, cls, col_cls, by_columns)
+
+            def work(tile: tuple[int, int], scratch: sweep.Scratch) -> None:
+                i0, j0 = tile
+                i1, j1 = min(rows.stop, i0 + _TILE), min(n_ref, j0 + _TILE)
+                if scratch.key != j0:  # tiles come column block by column block
+                    scratch.key, scratch.right, scratch.rb = j0, right.right(j0, j1), None
+                left_op = left.left(i0, i1)
+                reads = [(i0 - rows.start, j0, chunk_cls, False)]
+                if symmetric and i0 != j0:  # the same tile read by columns: rows j, columns i
+                    reads.append((j0, i0, row_cls, True))
+                if flt is not None and flt.on and flt.count(lad, left_op, scratch.right, i0, reads, col_cls, _mm,
+                                                            scratch):
+                    return
+                d = scratch.tile[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+                _mm(left_op, scratch.right, out=d)
+                for r0, c0, cls, by_columns in reads:
+                    lad.count(d.numpy(), r0, c0, cls, col_cls, by_columns, scratch.mask)
+
+            tiles = [(i0, j0) for j0 in range(0, n_ref, _TILE)
+                     for i0 in range(rows.start, min(n_ref, j0 + _TILE) if symmetric else rows.stop, _TILE)]
+            workers = (min(torch.get_num_threads(), _MAX_WORKERS) if _WORKERS is None else _WORKERS)
+            sweep.sweep(tiles, work, min(workers, len(tiles)), _TILE)
             num_relevant.append(lad.num_relevant)
             offsets.append(lad.offsets[1:] + offsets[-1][-1])
             ranks.append(lad.ranks())
