@@ -346,7 +346,7 @@ def rank_relevant(q: np.ndarray, y_q: np.ndarray, r: np.ndarray | None, y_r: np.
     # then most rows of a tile hold one (measured: slower)
     flt = None
     if depth == "first" and (prefilter.usable() if _PREFILTER is None else _PREFILTER):
-        flt = prefilter.Filter(right.x, right.cosine, _TILE)
+        flt = prefilter.Filter(right.x, right.cosine, _TILE, len(left))
     with torch.inference_mode():
         for rows in chunks:
             lad = _Ladders(left, right, row_cls, col_cls, r_order, rows, loo, depth)
