@@ -110,7 +110,7 @@ def test_first_ranks_through_the_prefilter_equal_the_float32_kernel(monkeypatch,
     assert True in outcomes  # the filter did the work on some tiles
     monkeypatch.setattr(prefilter, "_CACHE_BYTES", 0)  # row blocks' operands made again each time
     assert _first(x, y, None, None, distance, True, monkeypatch) == _first(x, y, None, None, distance, False, monkeypatch)
-    monkeypatch.setattr(prefilter, "_CACHE_BYTES", 400 * 100)  # the first 400 rows' blocks kept, the rest made again
+    monkeypatch.setattr(prefilter, "_CACHE_BYTES", 400 * 100)  # the blocks of the first ~450 rows kept, the rest made again
     assert _first(x, y, None, None, distance, True, monkeypatch) == _first(x, y, None, None, distance, False, monkeypatch)
     monkeypatch.setattr(ranking, "_STATE_BYTES", 16 * 200)  # queries in chunks: no symmetric tiles
     assert _first(x, y, None, None, distance, True, monkeypatch) == _first(x, y, None, None, distance, False, monkeypatch)

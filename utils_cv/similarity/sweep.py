@@ -8,6 +8,8 @@ GIL in their kernels; the workers share only what the caller locks.
 """
 from __future__ import annotations
 
+import ctypes
+import sys
 import threading
 
 import numpy as np
@@ -64,5 +66,18 @@ def sweep(tiles: list, work, workers: int, tile: int) -> None:
         for th in others:
             th.join()
         torch.set_num_threads(before)
+        _release_free_memory()
     if errors:
         raise errors[0]
+
+
+def _release_free_memory() -> None:
+    """Hand back the free memory of every thread's heap (glibc's ``malloc_trim``). Each worker
+    thread allocates its temporaries from a heap of its own, which keeps what they freed; the
+    caller's next steps (the ranks, then the metrics) would otherwise hold their peak on top of
+    it (20 MB at 100,000 x 128 with two workers). Elsewhere nothing to do."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+            pass
