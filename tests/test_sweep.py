@@ -80,3 +80,30 @@ def test_a_workers_error_reaches_the_caller_and_stops_the_others():
     assert len(done) < 150  # not every tile after the error
     assert torch.get_num_threads() == before
     assert not [t for t in threading.enumerate() if t.name.startswith("tiles-")]  # joined
+
+
+def test_sweeps_running_at_once_each_give_their_caller_its_thread_count_back():
+    # torch's count is per thread under OpenMP: each caller sets and restores its own
+    before = torch.get_num_threads()
+    started, release = threading.Barrier(2), threading.Event()
+    after = {}
+
+    def work(t, scratch):
+        if t == 0:
+            started.wait(timeout=10)  # both sweeps are running
+            release.wait(timeout=10)
+
+    def caller(k):
+        own = torch.get_num_threads()
+        sweep.sweep([0, 1, 2], work, 2, 8)
+        after[k] = (own, torch.get_num_threads())
+
+    callers = [threading.Thread(target=caller, args=(k,)) for k in range(2)]
+    for c in callers:
+        c.start()
+    time.sleep(0.2)
+    release.set()
+    for c in callers:
+        c.join()
+    assert len(after) == 2 and all(own == now for own, now in after.values())
+    assert torch.get_num_threads() == before
