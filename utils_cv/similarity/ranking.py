@@ -194,7 +194,7 @@ class _Ladders:
         n = d.shape[1] if by_columns else d.shape[0]
         t = self.threshold[r0 : r0 + n]
         mask = mask[: d.size].reshape(d.shape)
-        # the one pass over every entry: torch's comparison runs on all cores, numpy's on one
+        # the one pass over every entry: torch's comparison (on the worker's threads) beats numpy's
         torch.le(torch.from_numpy(d), torch.from_numpy(t[None, :] if by_columns else t[:, None]),
                  out=torch.from_numpy(mask))
         flat, a, b = self.positions(mask)
