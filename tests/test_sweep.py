@@ -49,12 +49,14 @@ def test_any_number_of_workers_gives_the_ranks_of_one(monkeypatch, distance, dep
 
 def test_each_tile_is_taken_once_with_a_scratch_per_worker_and_torch_threads_come_back():
     before = torch.get_num_threads()
-    seen, lock = [], threading.Lock()
+    seen, lock, all_in = [], threading.Lock(), threading.Barrier(3)
 
     def work(t, scratch):
-        time.sleep(0.0005)  # the others get their turns
         with lock:
+            first = threading.get_ident() not in {ident for _, ident, _, _ in seen}
             seen.append((t, threading.get_ident(), id(scratch), torch.get_num_threads()))
+        if first:  # each worker's first tile waits for the others to hold one
+            all_in.wait(timeout=10)
 
     sweep.sweep(list(range(60)), work, 3, 8)
     assert sorted(t for t, *_ in seen) == list(range(60))
