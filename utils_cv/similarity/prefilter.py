@@ -190,11 +190,10 @@ class Filter:
         n = min(n_left, _CACHE_BYTES // (2 * width + 6 * 8))
         self.slab, self.slab64 = torch.empty(n, width, dtype=torch.bfloat16), np.empty((6, n))
 
-    def count(self, lad, left_op: torch.Tensor, right_op: torch.Tensor, row_key, reads: list, col_cls: np.ndarray,
-              mm, scratch) -> bool:
-        """:func:`count_tile` for the tile ``left_op . right_op`` (``row_key`` names its row
-        block; ``right_op`` is ``scratch.right``, whose bfloat16 operand ``scratch.rb`` is made
-        here the first time)."""
+    def count(self, lad, left_op: torch.Tensor, row_key, reads: list, col_cls: np.ndarray, mm, scratch) -> bool:
+        """:func:`count_tile` for the tile ``left_op . scratch.right`` (``row_key`` names its row
+        block; the column block's bfloat16 operand ``scratch.rb`` is made here the first time)."""
+        right_op = scratch.right
         if scratch.rb is None:
             scratch.rb = operand(right_op, self.cosine, right=True, mu=self.mu)
         if scratch.bf16 is None:

@@ -361,8 +361,7 @@ def rank_relevant(q: np.ndarray, y_q: np.ndarray, r: np.ndarray | None, y_r: np.
                 reads = [(i0 - rows.start, j0, chunk_cls, False)]
                 if symmetric and i0 != j0:  # the same tile read by columns: rows j, columns i
                     reads.append((j0, i0, row_cls, True))
-                if flt is not None and flt.on and flt.count(lad, left_op, scratch.right, i0, reads, col_cls, _mm,
-                                                            scratch):
+                if flt is not None and flt.on and flt.count(lad, left_op, i0, reads, col_cls, _mm, scratch):
                     return
                 d = scratch.tile[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
                 _mm(left_op, scratch.right, out=d)
@@ -371,7 +370,7 @@ def rank_relevant(q: np.ndarray, y_q: np.ndarray, r: np.ndarray | None, y_r: np.
 
             tiles = [(i0, j0) for j0 in range(0, n_ref, _TILE)
                      for i0 in range(rows.start, min(n_ref, j0 + _TILE) if symmetric else rows.stop, _TILE)]
-            workers = (min(torch.get_num_threads(), _MAX_WORKERS) if _WORKERS is None else _WORKERS)
+            workers = min(torch.get_num_threads(), _MAX_WORKERS) if _WORKERS is None else _WORKERS
             sweep.sweep(tiles, work, min(workers, len(tiles)), _TILE)
             num_relevant.append(lad.num_relevant)
             offsets.append(lad.offsets[1:] + offsets[-1][-1])
